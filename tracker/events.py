@@ -1,0 +1,154 @@
+"""The event log's records: five event Structs in one tagged union, and their codecs.
+
+The log stores each event as msgpack; ``events export`` / ``events import`` use the
+same Structs as JSON, one per line. Schema evolution: add optional fields only, never
+reuse a tag, so that old logs replay forever.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+from tracker.errors import InvalidInputError
+from tracker.model import AgentId, ConsumerName, Offset, SessionId, Title, UserId
+
+
+class Position(Struct, frozen=True, order=True, omit_defaults=True):
+    """Where a record sits in the log: partition, offset in it, index inside a batched record."""
+
+    partition: int
+    offset: int
+    index: int = 0
+
+    def token(self) -> str:
+        """Compact form used as a Redis checkpoint and a read-your-writes token."""
+        return f"{self.partition}:{self.offset}:{self.index}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position:
+        partition, offset, index = (int(part) for part in token.split(":"))
+        return cls(partition, offset, index)
+
+
+class Event(Struct, frozen=True, tag_field="type", omit_defaults=True, gc=False):
+    """Envelope shared by every event; ``position`` is set only on events read back from the log."""
+
+    session_id: SessionId
+    event_id: str | None = msgspec.field(default=None)
+    recorded_at: datetime | None = None
+    position: Position | None = None
+
+
+class SessionCreated(Event, frozen=True, tag="session_created", kw_only=True):
+    """Sets the immutable fields; a second create of the same id changes nothing."""
+
+    agent_id: AgentId
+    user_id: UserId
+    created_at: datetime
+    title: Title | None = None
+
+
+class TitleChanged(Event, frozen=True, tag="title_changed", kw_only=True):
+    """Last write in log order wins; ``None`` clears the title."""
+
+    title: Title | None = None
+
+
+class OffsetCommitted(Event, frozen=True, tag="offset_committed", kw_only=True):
+    """Offsets are max-registers: a stale or repeated commit is kept but changes nothing."""
+
+    consumer: ConsumerName
+    offset: Offset
+
+
+class OffsetReset(Event, frozen=True, tag="offset_reset", kw_only=True):
+    """The only way to move an offset backwards: an operator's act, with who and why."""
+
+    consumer: ConsumerName
+    offset: Offset
+    actor: str | None = None
+    reason: str | None = None
+
+
+class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
+    """The session is gone for queries; later events for it change nothing."""
+
+
+AnyEvent = SessionCreated | TitleChanged | OffsetCommitted | OffsetReset | SessionDeleted
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_json_encoder = msgspec.json.Encoder()
+_json_decoder = msgspec.json.Decoder(AnyEvent)
+
+encode_event: Callable[[Any], bytes] = _msgpack_encoder.encode
+decode_event: Callable[[bytes], AnyEvent] = _msgpack_decoder.decode
+encode_event_json: Callable[[Any], bytes] = _json_encoder.encode
+
+
+def utcnow() -> datetime:
+    """The current UTC time, to the millisecond (as flux0 writes it)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def new_event_ids(count: int) -> list[str]:
+    """``count`` random 128-bit ids, as hex; one ``urandom`` call for the lot."""
+    raw = os.urandom(16 * count).hex()
+    return [raw[i : i + 32] for i in range(0, 32 * count, 32)]
+
+
+_PATH = re.compile(r" - at `\$(?:\[(\d+)\])?\.?([A-Za-z_]*)")
+
+
+def describe_validation_error(exc: Exception) -> tuple[int | None, str]:
+    """Turn msgspec's message into ``(item index, "field: what is wrong")``."""
+    text = str(exc)
+    match = _PATH.search(text)
+    if match is None:
+        return None, text
+    index = int(match.group(1)) if match.group(1) is not None else None
+    field = match.group(2) or "value"
+    return index, f"{field}: {text[: match.start()]}"
+
+
+def encode_validated(events: Sequence[AnyEvent], *, what: str = "item") -> list[bytes]:
+    """Encode events built in Python into log records, validating each by decoding it back.
+
+    msgspec checks constraints only when decoding, so this round trip is how the model's
+    declared constraints are enforced on values that did not come from bytes; nothing
+    that fails here can reach the log.
+    """
+    records: list[bytes] = []
+    try:
+        for record in map(_msgpack_encoder.encode, events):
+            _msgpack_decoder.decode(record)
+            records.append(record)
+    except (OverflowError, TypeError) as exc:
+        where = f"{what} {len(records) + 1}: " if len(events) > 1 else ""
+        raise InvalidInputError(
+            f"{where}offset: must be an integer 0 <= n < 2**63 ({exc})"
+        ) from None
+    except msgspec.ValidationError as exc:
+        _, message = describe_validation_error(exc)
+        where = f"{what} {len(records) + 1}: " if len(events) > 1 else ""
+        raise InvalidInputError(where + message) from None
+    return records
+
+
+def decode_event_json_line(line: bytes, line_number: int) -> AnyEvent:
+    """Decode one line of ``events import``; errors name the line."""
+    try:
+        return _json_decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        _, message = describe_validation_error(exc)
+        raise InvalidInputError(f"line {line_number}: {message}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInputError(f"line {line_number}: not valid JSON ({exc})") from None

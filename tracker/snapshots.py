@@ -1,0 +1,243 @@
+"""The Redis projection: current session snapshots, merged atomically and fenced.
+
+One :class:`SnapshotStore` covers one generation of one key prefix (see ``keys.py``).
+:meth:`SnapshotStore.merge` sends a batch's deltas in chunks through ``merge.lua``; each
+chunk applies only if the partition checkpoint still equals where it starts, and moves
+the checkpoint on in the same call, so replays, restarts and zombie projectors cannot
+apply anything twice or out of order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import msgspec
+import redis
+
+from tracker import keys as fields
+from tracker.errors import CheckpointConflictError, SnapshotStoreError
+from tracker.fold import NO_OFFSET, Delta, SessionState, tombstone
+from tracker.keys import Keys
+from tracker.model import format_datetime
+
+MERGE_LUA = resources.files("tracker").joinpath("merge.lua").read_text()
+SCHEMA_VERSION = "1"
+CHUNK_SESSIONS = 256
+READ_CHUNK = 1000
+
+_encode_wire = msgspec.msgpack.Encoder().encode
+
+
+def partial_checkpoint(after: str, upto: str, chunk: int, size: int) -> str:
+    """The checkpoint between two chunks of one batch: ``<after>><upto>#<chunk>/<size>``."""
+    return f"{after}>{upto}#{chunk}/{size}"
+
+
+def parse_partial(token: str) -> tuple[str, str, int, int] | None:
+    """``(after, upto, chunk, size)`` of a partial checkpoint, or ``None`` for a whole one."""
+    if "#" not in token:
+        return None
+    span, _, progress = token.partition("#")
+    after, _, upto = span.partition(">")
+    chunk, _, size = progress.partition("/")
+    return after, upto, int(chunk), int(size)
+
+
+def check_redis(client: redis.Redis) -> list[str]:
+    """Settings of the server that would silently break the projection's guarantees."""
+    warnings = []
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:
+        return ["cannot read maxmemory-policy (CONFIG is disabled); make sure it is noeviction"]
+    if policy and policy != "noeviction":
+        warnings.append(
+            f"Redis maxmemory-policy is {policy}: it may evict snapshots and checkpoints "
+            "silently; set it to noeviction"
+        )
+    return warnings
+
+
+def _wire(
+    keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]
+) -> list[dict[str, Any]]:
+    wire: list[dict[str, Any]] = []
+    for delta in deltas:
+        sid = delta.session_id
+        key_list.append(keys.session(partition, sid))
+        item: dict[str, Any] = {"k": len(key_list)}
+        if delta.deleted:
+            item["x"] = True
+            wire.append(item)
+            continue
+        create = delta.create
+        if create is not None:
+            key_list.append(keys.by_user(partition, create.user_id))
+            item["ui"] = len(key_list)
+            key_list.append(keys.by_agent(partition, create.agent_id))
+            item["ai"] = len(key_list)
+            item["i"] = sid
+            item["c"] = [create.agent_id, create.user_id, format_datetime(create.created_at)]
+            title = delta.title_after_create if delta.title_after_create_set else create.title
+            item["tc"] = [] if title is None else [title]
+        if delta.title_set:
+            item["t"] = [] if delta.title is None else [delta.title]
+        if delta.offsets:
+            flat: list[str] = []
+            for consumer, change in delta.offsets.items():
+                flat.append(consumer)
+                flat.append("" if change.reset_to == NO_OFFSET else str(change.reset_to))
+                flat.append("" if change.at_least == NO_OFFSET else str(change.at_least))
+            item["o"] = flat
+        wire.append(item)
+    return wire
+
+
+def state_from_hash(session_id: str, values: dict[str, str]) -> SessionState | None:
+    """Rebuild a :class:`SessionState` from a snapshot hash (``None`` if there is none)."""
+    if not values:
+        return None
+    if values.get(fields.DELETED):
+        return tombstone(session_id)
+    created = values.get(fields.CREATED_AT)
+    offsets = {
+        name[len(fields.OFFSET_PREFIX) :]: int(value)
+        for name, value in values.items()
+        if name.startswith(fields.OFFSET_PREFIX)
+    }
+    return SessionState(
+        session_id,
+        agent_id=values.get(fields.AGENT),
+        user_id=values.get(fields.USER),
+        created_at=datetime.fromisoformat(created) if created else None,
+        title=values.get(fields.TITLE),
+        offsets=offsets,
+    )
+
+
+class SnapshotStore:
+    """Snapshots and checkpoints of one generation; ``calls`` counts Redis commands sent."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self.calls = 0
+        self._merge = client.register_script(MERGE_LUA)
+
+    def checkpoint(self, partition: int) -> str:
+        """The raw checkpoint token ('' when nothing was applied yet)."""
+        self.calls += 1
+        value = self.client.get(self.keys.checkpoint(partition))
+        return str(value) if value else ""
+
+    def merge(
+        self,
+        partition: int,
+        deltas: Sequence[Delta],
+        *,
+        after: str,
+        upto: str,
+        chunk_sessions: int = CHUNK_SESSIONS,
+        first_chunk: int = 0,
+    ) -> None:
+        """Apply a batch's deltas (the records after ``after`` up to ``upto``), fenced.
+
+        Raises :class:`CheckpointConflictError` if another projector moved the checkpoint;
+        the caller re-reads from the checkpoint and tries again.
+        """
+        cp_key = self.keys.checkpoint(partition)
+        chunks = [
+            deltas[i : i + chunk_sessions] for i in range(0, max(len(deltas), 1), chunk_sessions)
+        ]
+        last = len(chunks) - 1
+        pipe = self.client.pipeline(transaction=False)
+        for number in range(first_chunk, len(chunks)):
+            key_list = [cp_key]
+            wire = _wire(self.keys, partition, chunks[number], key_list)
+            expected = (
+                after
+                if number == 0
+                else partial_checkpoint(after, upto, number - 1, chunk_sessions)
+            )
+            new = (
+                upto if number == last else partial_checkpoint(after, upto, number, chunk_sessions)
+            )
+            self._merge(keys=key_list, args=[expected, new, _encode_wire(wire)], client=pipe)
+        self.calls += len(pipe)
+        try:
+            results = pipe.execute()
+        except redis.RedisError as exc:
+            raise SnapshotStoreError(f"Redis refused a snapshot merge: {exc}") from exc
+        for applied, current in results:
+            if not int(applied):
+                raise CheckpointConflictError(
+                    f"partition {partition}: checkpoint is {current!r}, expected {after!r}; "
+                    "another projector is applying this partition"
+                )
+
+    def get(self, partition: int, session_id: str) -> SessionState | None:
+        self.calls += 1
+        return state_from_hash(
+            session_id, self.client.hgetall(self.keys.session(partition, session_id))
+        )
+
+    def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:
+        """States of many ``(partition, session_id)`` pairs, pipelined."""
+        states: list[SessionState | None] = []
+        for start in range(0, len(items), READ_CHUNK):
+            chunk = items[start : start + READ_CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for partition, sid in chunk:
+                pipe.hgetall(self.keys.session(partition, sid))
+            self.calls += len(chunk)
+            values = pipe.execute()
+            states.extend(
+                state_from_hash(sid, v) for (_, sid), v in zip(chunk, values, strict=True)
+            )
+        return states
+
+    def list_by(
+        self, *, user_id: str | None = None, agent_id: str | None = None
+    ) -> list[SessionState]:
+        """Live sessions of a user and/or agent (indexes keep deleted ids; they are skipped)."""
+        items: list[tuple[int, str]] = []
+        for partition in range(self.keys.partitions):
+            index = (
+                self.keys.by_user(partition, user_id)
+                if user_id is not None
+                else self.keys.by_agent(partition, agent_id or "")
+            )
+            self.calls += 1
+            items.extend((partition, sid) for sid in self.client.hkeys(index))
+        states = [s for s in self.get_many(items) if s is not None and not s.deleted]
+        if user_id is not None and agent_id is not None:
+            states = [s for s in states if s.agent_id == agent_id]
+        return states
+
+    def scan(self) -> Iterator[SessionState]:
+        """Every snapshot of this generation, tombstones included."""
+        for partition in range(self.keys.partitions):
+            prefix = self.keys.session_prefix(partition)
+            batch: list[tuple[int, str]] = []
+            for key in self.client.scan_iter(match=prefix + "*", count=READ_CHUNK):
+                batch.append((partition, str(key)[len(prefix) :]))
+                if len(batch) >= READ_CHUNK:
+                    yield from (s for s in self.get_many(batch) if s is not None)
+                    batch = []
+            yield from (s for s in self.get_many(batch) if s is not None)
+
+    def drop(self) -> int:
+        """Delete every key of this generation; returns how many."""
+        removed = 0
+        pending: list[str] = []
+        for key in self.client.scan_iter(match=self.keys.generation_pattern(), count=READ_CHUNK):
+            pending.append(key)
+            if len(pending) >= READ_CHUNK:
+                removed += int(self.client.unlink(*pending))
+                pending = []
+        if pending:
+            removed += int(self.client.unlink(*pending))
+        return removed
