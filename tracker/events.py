@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 from tracker.errors import InvalidInputError
 from tracker.model import AgentId, ConsumerName, Offset, SessionId, Title, UserId
@@ -83,13 +85,63 @@ class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
 
 AnyEvent = SessionCreated | TitleChanged | OffsetCommitted | OffsetReset | SessionDeleted
 
+
+
+def _without_patterns(kind: Any) -> Any:
+    """``kind`` with every ``Meta(pattern=...)`` removed (lengths and ranges are kept)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Annotated:
+        base, *metas = args
+        kept = [meta for meta in metas if not (isinstance(meta, Meta) and meta.pattern)]
+        return Annotated[(base, *kept)] if kept else base
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_without_patterns(arg) for arg in args)]  # noqa: UP007
+    return kind
+
+
+def _stored_form(cls: type[Event]) -> type[Event]:
+    """A subclass of ``cls`` that decodes without re-running the charset regexes.
+
+    Records in the log were fully validated when they were appended and are checked by
+    CRC when read, while regex checks cost 3x the decode itself, so replay reads events
+    through these subclasses. They are instances of the declared classes, so the fold
+    and everything else treat them alike.
+    """
+    hints = typing.get_type_hints(cls, include_extras=True)
+    overrides: list[Any] = []
+    for field in msgspec.structs.fields(cls):
+        relaxed = _without_patterns(hints[field.name])
+        if relaxed is not hints[field.name]:
+            overrides.append(
+                (field.name, relaxed) if field.required else (field.name, relaxed, field.default)
+            )
+    config = cls.__struct_config__
+    stored = msgspec.defstruct(
+        cls.__name__,
+        overrides,
+        bases=(cls,),
+        tag=config.tag,
+        frozen=True,
+        kw_only=True,
+        gc=False,
+        module=cls.__module__,
+    )
+    stored.__qualname__ = f"{cls.__qualname__}.stored"
+    return stored
+
+
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
+_stored_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+    typing.Union[tuple(_stored_form(cls) for cls in typing.get_args(AnyEvent))]  # noqa: UP007
+)
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(AnyEvent)
 
 encode_event: Callable[[Any], bytes] = _msgpack_encoder.encode
-decode_event: Callable[[bytes], AnyEvent] = _msgpack_decoder.decode
+decode_event: Callable[[bytes], AnyEvent] = _stored_decoder.decode
+"""Decode a record read from the log (already validated when appended)."""
+decode_event_strict: Callable[[bytes], AnyEvent] = _msgpack_decoder.decode
 encode_event_json: Callable[[Any], bytes] = _json_encoder.encode
 
 

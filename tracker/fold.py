@@ -164,16 +164,30 @@ def add_event(delta: Delta, event: AnyEvent) -> None:
         delta.deleted = True
 
 
-def fold_batch(events: Iterable[AnyEvent]) -> dict[str, Delta]:
-    """Pre-fold a batch into one delta per session, in order of first appearance."""
-    deltas: dict[str, Delta] = {}
+def fold_batch(
+    events: Iterable[AnyEvent], deltas: dict[str, Delta] | None = None
+) -> dict[str, Delta]:
+    """Pre-fold a batch into one delta per session, in order of first appearance.
+
+    Pass ``deltas`` to keep folding into the result of an earlier call (a batch read in
+    pieces). Commits, by far the most common event, take an inlined path.
+    """
+    result: dict[str, Delta] = {} if deltas is None else deltas
+    get = result.get
     for event in events:
         sid = event.session_id
-        delta = deltas.get(sid)
+        delta = get(sid)
         if delta is None:
-            delta = deltas[sid] = Delta(sid)
-        add_event(delta, event)
-    return deltas
+            delta = result[sid] = Delta(sid)
+        if isinstance(event, OffsetCommitted) and not delta.deleted:
+            change = delta.offsets.get(event.consumer)
+            if change is None:
+                delta.offsets[event.consumer] = OffsetChange(NO_OFFSET, event.offset)
+            elif event.offset > change.at_least:
+                change.at_least = event.offset
+        else:
+            add_event(delta, event)
+    return result
 
 
 def apply_delta(state: SessionState | None, delta: Delta) -> SessionState:

@@ -12,13 +12,17 @@ from collections.abc import Callable
 
 from tracker.errors import CheckpointConflictError, SnapshotStoreError
 from tracker.events import AnyEvent, Position, decode_event
-from tracker.fold import fold_batch
+from tracker.fold import Delta, fold_batch
 from tracker.logs import Batch, LogBackend
 from tracker.snapshots import CHUNK_SESSIONS, SnapshotStore, parse_partial
 
 Progress = Callable[[int], None]
 
-BATCH_RECORDS = 100_000
+BATCH_RECORDS = 1_000_000
+"""Records folded into one batch of deltas (read in pieces of ``READ_RECORDS``)."""
+READ_RECORDS = 50_000
+MAX_SESSIONS = 100_000
+"""A batch also ends once it has deltas for this many sessions, to bound memory."""
 
 
 def decode_batches(batches: list[Batch]) -> list[AnyEvent]:
@@ -63,8 +67,10 @@ class Projector:
         *,
         batch_records: int = BATCH_RECORDS,
         chunk_sessions: int = CHUNK_SESSIONS,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self.log = log
+        self.max_sessions = max_sessions
         self.store = store
         self.batch_records = batch_records
         self.chunk_sessions = chunk_sessions
@@ -83,23 +89,42 @@ class Projector:
                     applied += self._finish_partial(partition, *partial)
                     continue
                 after = Position.parse(token) if token else None
-                batches = self.log.read(partition, after, self.batch_records)
-                if not batches:
+                deltas, read, upto = self._fold_from(partition, after, progress)
+                if upto is None:
                     return applied
-                events = decode_batches(batches)
-                deltas = list(fold_batch(events).values())
                 self.store.merge(
                     partition,
-                    deltas,
+                    list(deltas.values()),
                     after=token,
-                    upto=batches[-1].last.token(),
+                    upto=upto.token(),
                     chunk_sessions=self.chunk_sessions,
                 )
             except CheckpointConflictError:
                 continue
-            applied += len(events)
+            applied += read
+
+    def _fold_from(
+        self, partition: int, after: Position | None, progress: Progress | None
+    ) -> tuple[dict[str, Delta], int, Position | None]:
+        """Read and fold up to ``batch_records`` records after ``after`` into deltas.
+
+        The log is read in pieces and only the deltas are kept, so a batch can be large
+        (fewer, fuller merges) without holding its events in memory.
+        """
+        deltas: dict[str, Delta] = {}
+        read = 0
+        upto: Position | None = None
+        while read < self.batch_records and len(deltas) < self.max_sessions:
+            batches = self.log.read(partition, after, min(READ_RECORDS, self.batch_records - read))
+            if not batches:
+                break
+            events = decode_batches(batches)
+            fold_batch(events, deltas)
+            read += len(events)
+            upto = after = batches[-1].last
             if progress is not None:
                 progress(len(events))
+        return deltas, read, upto
 
     def _finish_partial(self, partition: int, after: str, upto: str, chunk: int, size: int) -> int:
         start = Position.parse(after) if after else None

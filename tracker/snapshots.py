@@ -241,3 +241,19 @@ class SnapshotStore:
         if pending:
             removed += int(self.client.unlink(*pending))
         return removed
+
+
+def drop_other_generations(client: redis.Redis, prefix: str, keep: int) -> int:
+    """Delete keys of every generation but ``keep`` (old ones, or a crashed rebuild's)."""
+    removed = 0
+    pending: list[str] = []
+    marker = f"{prefix}:g{keep}:"
+    for key in client.scan_iter(match=f"{prefix}:g*", count=READ_CHUNK):
+        if not str(key).startswith(marker):
+            pending.append(key)
+        if len(pending) >= READ_CHUNK:
+            removed += int(client.unlink(*pending))
+            pending = []
+    if pending:
+        removed += int(client.unlink(*pending))
+    return removed
