@@ -157,7 +157,8 @@ def parse_offset(text: str) -> int:
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TRACKER_DATA_DIR",
-    help="Where the file log (and the embedded Redis) live.  [env: TRACKER_DATA_DIR; default: ./.tracker]",
+    help="Where the file log (and the embedded Redis) live.  "
+    "[env: TRACKER_DATA_DIR; default: ./.tracker]",
 )
 @click.option(
     "--redis-url",
@@ -172,7 +173,9 @@ def parse_offset(text: str) -> int:
 )
 @click.version_option(package_name="offset-tracker")
 @click.pass_context
-def main(ctx: click.Context, data_dir: Path | None, redis_url: str | None, prefix: str | None) -> None:
+def main(
+    ctx: click.Context, data_dir: Path | None, redis_url: str | None, prefix: str | None
+) -> None:
     """Event-sourced consumption offset tracker.
 
     Every change is appended to an event log (the source of truth); Redis holds the
@@ -180,7 +183,9 @@ def main(ctx: click.Context, data_dir: Path | None, redis_url: str | None, prefi
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     try:
-        settings = Settings.from_env().with_overrides(data_dir=data_dir, redis_url=redis_url, prefix=prefix)
+        settings = Settings.from_env().with_overrides(
+            data_dir=data_dir, redis_url=redis_url, prefix=prefix
+        )
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         ctx.exit(EXIT_USAGE)
@@ -289,7 +294,9 @@ def offsets_commit(
     Offsets only move forward: a lower OFFSET is recorded but changes nothing, and the
     command says it was stale. Use `offsets reset` to move an offset back.
     """
-    result = cli.tracker().commit(session_id, consumer, parse_offset(offset), strict=not allow_unknown)
+    result = cli.tracker().commit(
+        session_id, consumer, parse_offset(offset), strict=not allow_unknown
+    )
     if as_json:
         cli.json_line(commit_json(result))
     elif result.stale:
@@ -467,4 +474,3 @@ def demo(cli: Cli, session_count: int, commits: int, seed: int) -> None:
     from tracker.demo import run_demo
 
     run_demo(cli.out, sessions=session_count, commits=commits, seed=seed)
-

@@ -27,7 +27,7 @@ FLUSH = 5_000
 def workload(
     session_ids: list[str], commits: int, rng: random.Random
 ) -> list[list[tuple[str, str, int]]]:
-    """Flushes of ``(session, consumer, offset)``: mostly forward, with duplicates and stale ones."""
+    """Worker flushes of ``(session, consumer, offset)``: mostly forward, some repeated or stale."""
     heads = dict.fromkeys(session_ids, 0)
     progress = {(sid, c): -1 for sid in session_ids for c in CONSUMERS}
     flushes: list[list[tuple[str, str, int]]] = []
@@ -95,7 +95,8 @@ def run_demo(out: Console, *, sessions: int, commits: int, seed: int) -> None:
             out.print(
                 f"replay: {report.events:,} events, {report.sessions:,} sessions, "
                 f"{report.seconds:.2f} s, {report.rate:,.0f} events/s, "
-                f"{report.redis_calls / max(report.events, 1) * 1000:.1f} Redis calls per 1,000 events",
+                f"{report.redis_calls / max(report.events, 1) * 1000:.1f} Redis calls "
+                "per 1,000 events",
                 markup=False,
             )
             check = tracker.verify()

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tracker.errors import SnapshotStoreError
 
@@ -45,7 +47,7 @@ def _socket_path(directory: Path) -> Path:
 
 
 class EmbeddedRedis:
-    """Starts (or reuses) a private Redis for a data dir; :meth:`stop` shuts down what it started."""
+    """Starts (or reuses) a private Redis for a data dir; :meth:`stop` ends what it started."""
 
     def __init__(self, directory: Path, *, start_timeout: float = 10.0) -> None:
         self.directory = Path(directory)
@@ -61,7 +63,9 @@ class EmbeddedRedis:
         if not self.socket.exists():
             return False
         try:
-            with redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1) as client:
+            with redis.Redis(
+                unix_socket_path=str(self.socket), socket_timeout=1, retry=Retry(NoBackoff(), 0)
+            ) as client:
                 return bool(client.ping())
         except redis.RedisError:
             return False
@@ -105,13 +109,7 @@ class EmbeddedRedis:
         if process is None:
             return
         if process.poll() is None:
-            try:
-                with redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5) as client:
-                    client.shutdown()
-            except redis.ConnectionError:
-                pass
-            except redis.RedisError:
-                process.terminate()
+            process.terminate()  # SIGTERM: redis-server fsyncs the AOF and exits cleanly
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:

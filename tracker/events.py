@@ -86,7 +86,6 @@ class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
 AnyEvent = SessionCreated | TitleChanged | OffsetCommitted | OffsetReset | SessionDeleted
 
 
-
 def _without_patterns(kind: Any) -> Any:
     """``kind`` with every ``Meta(pattern=...)`` removed (lengths and ranges are kept)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -127,7 +126,7 @@ def _stored_form(cls: type[Event]) -> type[Event]:
         module=cls.__module__,
     )
     stored.__qualname__ = f"{cls.__qualname__}.stored"
-    return stored
+    return typing.cast(type[Event], stored)
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -198,9 +197,10 @@ def encode_validated(events: Sequence[AnyEvent], *, what: str = "item") -> list[
 def decode_event_json_line(line: bytes, line_number: int) -> AnyEvent:
     """Decode one line of ``events import``; errors name the line."""
     try:
-        return _json_decoder.decode(line)
+        event: AnyEvent = _json_decoder.decode(line)
     except msgspec.ValidationError as exc:
         _, message = describe_validation_error(exc)
         raise InvalidInputError(f"line {line_number}: {message}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInputError(f"line {line_number}: not valid JSON ({exc})") from None
+    return event

@@ -108,7 +108,7 @@ NO_OFFSET = -1
 
 
 class OffsetChange(Struct, array_like=True, gc=False):
-    """A consumer's net change in a batch: optionally set to ``reset_to``, then max with ``at_least``."""
+    """A consumer's net change in a batch: set to ``reset_to`` if any, then max ``at_least``."""
 
     reset_to: int = NO_OFFSET
     at_least: int = NO_OFFSET

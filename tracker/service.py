@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 import msgspec
 import redis
@@ -84,7 +85,7 @@ class CommitResult(Struct, frozen=True):
 
 
 class AppendResult(Struct, frozen=True):
-    """How many events a command appended, and the position of the last (a read-your-writes token)."""
+    """How many events a command appended, and the last one's position (read-your-writes)."""
 
     count: int
     last: Position | None
@@ -212,16 +213,19 @@ class Tracker:
     def _bind(self) -> Keys:
         """Find (or start) the active generation, and check it projects this log."""
         partitions = self._log.partitions
-        meta = self.client.hgetall(self._meta_key)
+        meta = cast(dict[str, str], self.client.hgetall(self._meta_key))
         if not meta:
-            meta = {
-                "generation": "1",
-                "next_generation": "1",
-                "log_id": self._log.log_id,
-                "partitions": str(partitions),
-                "schema": SCHEMA_VERSION,
-            }
-            self.client.hset(self._meta_key, mapping=meta)
+            self.client.hset(
+                self._meta_key,
+                mapping={
+                    "generation": "1",
+                    "next_generation": "1",
+                    "log_id": self._log.log_id,
+                    "partitions": str(partitions),
+                    "schema": SCHEMA_VERSION,
+                },
+            )
+            meta = cast(dict[str, str], self.client.hgetall(self._meta_key))
         if meta.get("log_id") != self._log.log_id or meta.get("partitions") != str(partitions):
             self._foreign = (
                 f"Redis prefix {self.settings.prefix!r} holds the projection of another log "
@@ -453,7 +457,8 @@ class Tracker:
         for sid, state in zip(wanted, states, strict=True):
             if state is None or not state.created or state.deleted:
                 raise SessionNotFoundError(
-                    f"session {sid} not found (use strict=False to keep offsets of unknown sessions)"
+                    f"session {sid} not found "
+                    "(use strict=False to keep offsets of unknown sessions)"
                 )
 
     def plan_reset(self, session_id: str, consumer: str, offset: int) -> ResetPlan:
@@ -474,7 +479,7 @@ class Tracker:
         reason: str | None = None,
         actor: str | None = None,
     ) -> ResetPlan:
-        """Set an offset to ``offset``, backwards too: an operator's act, recorded with who and why."""
+        """Set an offset, backwards too: an operator's act, recorded with who and why."""
         plan = self.plan_reset(session_id, consumer, offset)
         (event_id,) = new_event_ids(1)
         event = OffsetReset(
@@ -522,7 +527,7 @@ class Tracker:
     # -- rebuild and check -------------------------------------------------------------
 
     def replay(self, progress: Progress | None = None) -> ReplayReport:
-        """Rebuild the projection from the start of the log into a fresh generation, then promote it."""
+        """Rebuild the projection from the start of the log in a new generation, then promote it."""
         client = self.client
         started = time.perf_counter()
         generation = int(client.hincrby(self._meta_key, "next_generation", 1))
@@ -552,7 +557,7 @@ class Tracker:
         return ReplayReport(events, sessions, seconds, calls)
 
     def verify(self, progress: Progress | None = None) -> VerifyReport:
-        """Fold the log in memory up to the applied checkpoint and compare every session with Redis."""
+        """Fold the log in memory up to the applied checkpoint; compare every session with Redis."""
         started = time.perf_counter()
         store = self.store
         folded: dict[str, SessionState] = {}
@@ -614,7 +619,8 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
         index, message = describe_validation_error(exc)
         number = 1 if index is None else index + 1
         raise InvalidInputError(
-            f"commit {number}: offset: {message.split(': ', 1)[-1]} (got {columns[2][number - 1]!r})"
+            f"commit {number}: offset: {message.split(': ', 1)[-1]} "
+            f"(got {columns[2][number - 1]!r})"
         ) from None
     return items
 

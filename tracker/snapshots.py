@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -180,9 +180,8 @@ class SnapshotStore:
 
     def get(self, partition: int, session_id: str) -> SessionState | None:
         self.calls += 1
-        return state_from_hash(
-            session_id, self.client.hgetall(self.keys.session(partition, session_id))
-        )
+        values = self.client.hgetall(self.keys.session(partition, session_id))
+        return state_from_hash(session_id, cast(dict[str, str], values))
 
     def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:
         """States of many ``(partition, session_id)`` pairs, pipelined."""
@@ -211,7 +210,7 @@ class SnapshotStore:
                 else self.keys.by_agent(partition, agent_id or "")
             )
             self.calls += 1
-            items.extend((partition, sid) for sid in self.client.hkeys(index))
+            items.extend((partition, str(sid)) for sid in self.client.hkeys(index))
         states = [s for s in self.get_many(items) if s is not None and not s.deleted]
         if user_id is not None and agent_id is not None:
             states = [s for s in states if s.agent_id == agent_id]

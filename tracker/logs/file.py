@@ -236,9 +236,9 @@ class FileLog:
                 f"(frame {number}); it was never acknowledged"
             )
             log.warning("event log repaired: %s", self.repaired)
-            with open(segment.path, "r+b") as file:
-                file.truncate(pos)
-                os.fsync(file.fileno())
+            with open(segment.path, "r+b") as repaired:
+                repaired.truncate(pos)
+                os.fsync(repaired.fileno())
             size = pos
         segment.size = size
 
