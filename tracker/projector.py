@@ -103,6 +103,25 @@ class Projector:
                 continue
             applied += read
 
+    def apply_appended(
+        self, partition: int, before: Position | None, events: list[AnyEvent], upto: Position
+    ) -> None:
+        """Project events this process just appended after ``before``, without reading them back.
+
+        The same fold and fenced merge as :meth:`catch_up_partition`; if the checkpoint is
+        not at ``before`` (another projector, or an earlier failure), it catches up instead.
+        """
+        try:
+            self.store.merge(
+                partition,
+                list(fold_batch(events).values()),
+                after="" if before is None else before.token(),
+                upto=upto.token(),
+                chunk_sessions=self.chunk_sessions,
+            )
+        except CheckpointConflictError:
+            self.catch_up_partition(partition)
+
     def _fold_from(
         self, partition: int, after: Position | None, progress: Progress | None
     ) -> tuple[dict[str, Delta], int, Position | None]:

@@ -269,15 +269,20 @@ class Tracker:
             records = encode_validated(events, what=what)
         if not records:
             return AppendResult(0, None)
-        by_partition: dict[int, list[bytes]] = {}
+        by_partition: dict[int, tuple[list[AnyEvent], list[bytes]]] = {}
         for event, record in zip(events, records, strict=True):
-            by_partition.setdefault(self._partition(event.session_id), []).append(record)
+            part_events, part_records = by_partition.setdefault(
+                self._partition(event.session_id), ([], [])
+            )
+            part_events.append(event)
+            part_records.append(record)
         last: Position | None = None
-        for partition, chunk in by_partition.items():
-            batches = self._log.append(partition, chunk)
-            last = batches[-1].last if last is None else max(last, batches[-1].last)
-        for partition in by_partition:
-            self._projector.catch_up_partition(partition)
+        for partition, (part_events, part_records) in by_partition.items():
+            before = self._log.end(partition)
+            batches = self._log.append(partition, part_records)
+            upto = batches[-1].last
+            self._projector.apply_appended(partition, before, part_events, upto)
+            last = upto if last is None else max(last, upto)
         del store
         return AppendResult(len(records), last)
 
