@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,12 +146,14 @@ pass_cli = click.make_pass_decorator(Cli)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+_INTEGER = re.compile(r"^-?[0-9]+$")
+
+
 def parse_offset(text: str) -> int:
     """The OFFSET argument as an integer; range checks are the model's."""
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise InvalidInputError(f"offset: {text!r} is not an integer") from None
+    if not _INTEGER.match(text):
+        raise InvalidInputError(f"offset: {text!r} is not an integer")
+    return int(text)
 
 
 @click.group(cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -182,10 +186,14 @@ def main(
     current sessions, rebuilt from the log by `tracker replay`.
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    flags = {
+        "TRACKER_DATA_DIR": data_dir,
+        "TRACKER_REDIS_URL": redis_url,
+        "TRACKER_PREFIX": prefix,
+    }
+    environment = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
     try:
-        settings = Settings.from_env().with_overrides(
-            data_dir=data_dir, redis_url=redis_url, prefix=prefix
-        )
+        settings = Settings.from_env(environment)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         ctx.exit(EXIT_USAGE)
@@ -229,11 +237,13 @@ def sessions_show(cli: Cli, session_id: str, as_json: bool) -> None:
         state = tracker.session_state(session_id)
         if state is not None and state.deleted:
             raise SessionNotFoundError(f"session {session_id} was deleted")
-        if state is not None:
+        if state is not None and state.offsets:
             raise SessionNotFoundError(
                 f"session {session_id} has offsets but was never created "
                 f"(see `tracker offsets show {session_id}`)"
             )
+        if state is not None:
+            raise SessionNotFoundError(f"session {session_id} was never created")
         raise SessionNotFoundError(f"session {session_id} not found")
     cli.sessions([session], as_json, single=True)
 
