@@ -10,6 +10,7 @@ from tracker.errors import (
     SessionExistsError,
     SessionNotFoundError,
     SnapshotStoreError,
+    SnapshotUnavailableError,
     TrackerError,
 )
 from tracker.events import Position
@@ -30,6 +31,7 @@ __all__ = [
     "SessionNotFoundError",
     "Settings",
     "SnapshotStoreError",
+    "SnapshotUnavailableError",
     "Tracker",
     "TrackerError",
 ]

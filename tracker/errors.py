@@ -11,6 +11,7 @@
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
     │   └── LogLockedError           another process is writing to the log
     └── SnapshotStoreError           Redis refused, or holds another log's projection
+        ├── SnapshotUnavailableError Redis cannot be reached (retriable)
         └── CheckpointConflictError  another projector moved the checkpoint
 
 ``retriable`` tells a worker whether trying again later can succeed.
@@ -59,6 +60,12 @@ class LogLockedError(LogError):
 
 class SnapshotStoreError(TrackerError):
     """Redis refused a command or is configured so that the projection cannot be trusted."""
+
+
+class SnapshotUnavailableError(SnapshotStoreError):
+    """Redis did not answer; nothing is lost (the log has every event), retry when it is back."""
+
+    retriable = True
 
 
 class CheckpointConflictError(SnapshotStoreError):

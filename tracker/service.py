@@ -53,6 +53,7 @@ from tracker.snapshots import (
     check_redis,
     drop_other_generations,
     parse_partial,
+    redis_boundary,
 )
 
 log = logging.getLogger("tracker")
@@ -147,6 +148,7 @@ class Tracker:
             self._projector = Projector(self._log, self._store)
             if self._foreign is None:
                 self._check_checkpoints()
+            if self._foreign is None:
                 self._projector.catch_up()
         except BaseException:
             self.close()
@@ -210,6 +212,7 @@ class Tracker:
     def _meta_key(self) -> str:
         return Keys.meta(self.settings.prefix)
 
+    @redis_boundary("reading the projection's meta hash")
     def _bind(self) -> Keys:
         """Find (or start) the active generation, and check it projects this log."""
         partitions = self._log.partitions
@@ -242,7 +245,7 @@ class Tracker:
                 token = partial[1]
             end = self._log.end(partition)
             if token and (end is None or Position.parse(token) > end):
-                raise SnapshotStoreError(
+                self._foreign = (
                     f"partition {partition}: Redis has applied up to {token} but the log ends "
                     f"at {end.token() if end else 'nothing'}; the log was replaced or cut, "
                     "run `tracker replay` to rebuild the projection"
@@ -531,6 +534,7 @@ class Tracker:
 
     # -- rebuild and check -------------------------------------------------------------
 
+    @redis_boundary("rebuilding the projection")
     def replay(self, progress: Progress | None = None) -> ReplayReport:
         """Rebuild the projection from the start of the log in a new generation, then promote it."""
         client = self.client

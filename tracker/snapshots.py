@@ -9,16 +9,18 @@ apply anything twice or out of order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from importlib import resources
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import msgspec
 import redis
 
 from tracker import keys as fields
-from tracker.errors import CheckpointConflictError, SnapshotStoreError
+from tracker.errors import CheckpointConflictError, SnapshotStoreError, SnapshotUnavailableError
 from tracker.fold import NO_OFFSET, Delta, SessionState, tombstone
 from tracker.keys import Keys
 from tracker.model import format_datetime
@@ -29,6 +31,32 @@ CHUNK_SESSIONS = 256
 READ_CHUNK = 1000
 
 _encode_wire = msgspec.msgpack.Encoder().encode
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn redis-py's errors into the tracker's, at the boundary."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise SnapshotUnavailableError(f"Redis did not answer while {action}: {exc}") from exc
+    except redis.RedisError as exc:
+        raise SnapshotStoreError(f"Redis refused {action}: {exc}") from exc
+
+
+def redis_boundary(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            with redis_errors(action):
+                return method(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 def partial_checkpoint(after: str, upto: str, chunk: int, size: int) -> str:
@@ -46,6 +74,7 @@ def parse_partial(token: str) -> tuple[str, str, int, int] | None:
     return after, upto, int(chunk), int(size)
 
 
+@redis_boundary("reading its configuration")
 def check_redis(client: redis.Redis) -> list[str]:
     """Settings of the server that would silently break the projection's guarantees."""
     warnings = []
@@ -127,6 +156,7 @@ class SnapshotStore:
         self.calls = 0
         self._merge = client.register_script(MERGE_LUA)
 
+    @redis_boundary("reading a checkpoint")
     def checkpoint(self, partition: int) -> str:
         """The raw checkpoint token ('' when nothing was applied yet)."""
         self.calls += 1
@@ -167,10 +197,8 @@ class SnapshotStore:
             )
             self._merge(keys=key_list, args=[expected, new, _encode_wire(wire)], client=pipe)
         self.calls += len(pipe)
-        try:
+        with redis_errors("merging snapshots"):
             results = pipe.execute()
-        except redis.RedisError as exc:
-            raise SnapshotStoreError(f"Redis refused a snapshot merge: {exc}") from exc
         for applied, current in results:
             if not int(applied):
                 raise CheckpointConflictError(
@@ -178,11 +206,13 @@ class SnapshotStore:
                     "another projector is applying this partition"
                 )
 
+    @redis_boundary("reading a session")
     def get(self, partition: int, session_id: str) -> SessionState | None:
         self.calls += 1
         values = self.client.hgetall(self.keys.session(partition, session_id))
         return state_from_hash(session_id, cast(dict[str, str], values))
 
+    @redis_boundary("reading sessions")
     def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:
         """States of many ``(partition, session_id)`` pairs, pipelined."""
         states: list[SessionState | None] = []
@@ -198,6 +228,7 @@ class SnapshotStore:
             )
         return states
 
+    @redis_boundary("listing sessions")
     def list_by(
         self, *, user_id: str | None = None, agent_id: str | None = None
     ) -> list[SessionState]:
@@ -221,13 +252,16 @@ class SnapshotStore:
         for partition in range(self.keys.partitions):
             prefix = self.keys.session_prefix(partition)
             batch: list[tuple[int, str]] = []
-            for key in self.client.scan_iter(match=prefix + "*", count=READ_CHUNK):
+            with redis_errors("scanning sessions"):
+                keys = list(self.client.scan_iter(match=prefix + "*", count=READ_CHUNK))
+            for key in keys:
                 batch.append((partition, str(key)[len(prefix) :]))
                 if len(batch) >= READ_CHUNK:
                     yield from (s for s in self.get_many(batch) if s is not None)
                     batch = []
             yield from (s for s in self.get_many(batch) if s is not None)
 
+    @redis_boundary("dropping a generation")
     def drop(self) -> int:
         """Delete every key of this generation; returns how many."""
         removed = 0
@@ -242,6 +276,7 @@ class SnapshotStore:
         return removed
 
 
+@redis_boundary("dropping old generations")
 def drop_other_generations(client: redis.Redis, prefix: str, keep: int) -> int:
     """Delete keys of every generation but ``keep`` (old ones, or a crashed rebuild's)."""
     removed = 0
