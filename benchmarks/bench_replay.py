@@ -52,8 +52,8 @@ from benchmarks._common import (
     workdir,
 )
 from tracker import Settings, Tracker
-from tracker.events import Position
-from tracker.fold import Delta, fold_batch
+from tracker.events import Position, decode_event_lean
+from tracker.fold import BatchFolder, Delta
 from tracker.keys import Keys
 from tracker.logs.file import FileLog
 from tracker.model import format_datetime
@@ -94,24 +94,27 @@ def python_side(log_dir: Path) -> tuple[dict[str, float], Plan]:
         after: Position | None = None
         while True:
             start = after
-            deltas: dict[str, Delta] = {}
+            folder = BatchFolder()
             read = 0
-            while read < BATCH_RECORDS and len(deltas) < MAX_SESSIONS:
+            while read < BATCH_RECORDS and folder.size < MAX_SESSIONS:
                 t0 = time.perf_counter()
                 batches = file_log.read(0, after, min(READ_RECORDS, BATCH_RECORDS - read))
                 t1 = time.perf_counter()
                 read_s += t1 - t0
                 if not batches:
                     break
-                decoded = decode_batches(batches)
+                decoded = decode_batches(batches, decode_event_lean)
                 t2 = time.perf_counter()
-                fold_batch(decoded, deltas)
+                folder.add(decoded)
                 t3 = time.perf_counter()
                 decode_s, fold_s = decode_s + t2 - t1, fold_s + t3 - t2
                 read += len(decoded)
                 after = batches[-1].last
             if not read or after is None:
                 break
+            t0 = time.perf_counter()
+            deltas = folder.finish()
+            fold_s += time.perf_counter() - t0
             events += read
             merges += len(deltas)
             plan.append((start.token() if start else "", after.token(), list(deltas.values())))

@@ -98,19 +98,29 @@ def _without_patterns(kind: Any) -> Any:
     return kind
 
 
-def _stored_form(cls: type[Event]) -> type[Event]:
-    """A subclass of ``cls`` that decodes without re-running the charset regexes.
+ENVELOPE = ("event_id", "recorded_at", "position")
+
+
+def _stored_form(cls: type[Event], *, lean: bool) -> type[Event]:
+    """A subclass of ``cls`` for decoding records read back from the log.
 
     Records in the log were fully validated when they were appended and are checked by
-    CRC when read, while regex checks cost 3x the decode itself, so replay reads events
-    through these subclasses. They are instances of the declared classes, so the fold
-    and everything else treat them alike.
+    CRC when read, while regex checks cost 3x the decode itself, so these subclasses
+    skip the charset patterns (lengths and ranges are still checked). A ``lean`` form
+    also leaves the envelope undecoded (its fields keep their defaults), for the fold,
+    which does not need it. Both are instances of the declared classes, so the fold and
+    everything else treat them alike.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
     overrides: list[Any] = []
     for field in msgspec.structs.fields(cls):
         relaxed = _without_patterns(hints[field.name])
-        if relaxed is not hints[field.name]:
+        if lean and field.name in ENVELOPE:
+            # renamed to a key the log never holds, so the decoder skips the real one
+            overrides.append(
+                (field.name, relaxed, msgspec.field(default=None, name="~" + field.name))
+            )
+        elif relaxed is not hints[field.name]:
             overrides.append(
                 (field.name, relaxed) if field.required else (field.name, relaxed, field.default)
             )
@@ -125,21 +135,26 @@ def _stored_form(cls: type[Event]) -> type[Event]:
         gc=False,
         module=cls.__module__,
     )
-    stored.__qualname__ = f"{cls.__qualname__}.stored"
+    stored.__qualname__ = f"{cls.__qualname__}.{'lean' if lean else 'stored'}"
     return typing.cast(type[Event], stored)
+
+
+def _stored_decoder(*, lean: bool) -> Callable[[bytes], AnyEvent]:
+    forms = tuple(_stored_form(cls, lean=lean) for cls in typing.get_args(AnyEvent))
+    decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(typing.Union[forms])  # noqa: UP007
+    return decoder.decode
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
-_stored_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
-    typing.Union[tuple(_stored_form(cls) for cls in typing.get_args(AnyEvent))]  # noqa: UP007
-)
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(AnyEvent)
 
 encode_event: Callable[[Any], bytes] = _msgpack_encoder.encode
-decode_event: Callable[[bytes], AnyEvent] = _stored_decoder.decode
+decode_event: Callable[[bytes], AnyEvent] = _stored_decoder(lean=False)
 """Decode a record read from the log (already validated when appended)."""
+decode_event_lean: Callable[[bytes], AnyEvent] = _stored_decoder(lean=True)
+"""Decode a record from the log for folding: the envelope is left out (``None``)."""
 decode_event_strict: Callable[[bytes], AnyEvent] = _msgpack_decoder.decode
 encode_event_json: Callable[[Any], bytes] = _json_encoder.encode
 

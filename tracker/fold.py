@@ -164,30 +164,80 @@ def add_event(delta: Delta, event: AnyEvent) -> None:
         delta.deleted = True
 
 
+class BatchFolder:
+    """Folds a batch, possibly read in pieces, into one :class:`Delta` per session.
+
+    Commits, nearly every event of a busy log, take a fast path: a flat map of
+    ``session, consumer`` to the highest offset seen, merged into the deltas by
+    :meth:`finish`. A reset drops the commits before it (the reset overrides them) and a
+    delete makes every other change irrelevant, so the order of events is kept. The
+    result's order depends only on the events, which resuming a half-applied batch needs.
+    """
+
+    __slots__ = ("_highest", "deltas")
+
+    def __init__(self, deltas: dict[str, Delta] | None = None) -> None:
+        self.deltas: dict[str, Delta] = {} if deltas is None else deltas
+        self._highest: dict[str, int] = {}
+
+    @property
+    def size(self) -> int:
+        """An upper bound of the sessions folded so far (to bound a batch's memory)."""
+        return len(self.deltas) + len(self._highest)
+
+    def add(self, events: Iterable[AnyEvent]) -> None:
+        deltas, highest = self.deltas, self._highest
+        seen = highest.get
+        commit = _COMMIT_CLASSES
+        for event in events:
+            if event.__class__ in commit:
+                key = event.session_id + _SEP + event.consumer  # type: ignore[union-attr]
+                offset = event.offset  # type: ignore[union-attr]
+                best = seen(key)
+                if best is None or offset > best:
+                    highest[key] = offset
+                continue
+            sid = event.session_id
+            delta = deltas.get(sid)
+            if delta is None:
+                delta = deltas[sid] = Delta(sid)
+            if isinstance(event, OffsetReset):
+                highest.pop(sid + _SEP + event.consumer, None)
+            add_event(delta, event)
+
+    def finish(self) -> dict[str, Delta]:
+        """The deltas, with the pending commits folded in."""
+        deltas = self.deltas
+        for key, offset in self._highest.items():
+            sid, _, consumer = key.partition(_SEP)
+            delta = deltas.get(sid)
+            if delta is None:
+                delta = deltas[sid] = Delta(sid)
+            elif delta.deleted:
+                continue
+            change = delta.offsets.get(consumer)
+            if change is None:
+                delta.offsets[consumer] = OffsetChange(NO_OFFSET, offset)
+            elif offset > change.at_least:
+                change.at_least = offset
+        self._highest = {}
+        return deltas
+
+
+_SEP = "\x00"
+_COMMIT_CLASSES = frozenset([OffsetCommitted, *(cls for cls in OffsetCommitted.__subclasses__())])
+
+
 def fold_batch(
     events: Iterable[AnyEvent], deltas: dict[str, Delta] | None = None
 ) -> dict[str, Delta]:
-    """Pre-fold a batch into one delta per session, in order of first appearance.
+    """Pre-fold a batch into one delta per session (see :class:`BatchFolder`).
 
-    Pass ``deltas`` to keep folding into the result of an earlier call (a batch read in
-    pieces). Commits, by far the most common event, take an inlined path.
+    Pass ``deltas`` to keep folding into the result of an earlier call.
     """
-    result: dict[str, Delta] = {} if deltas is None else deltas
-    get = result.get
-    for event in events:
-        sid = event.session_id
-        delta = get(sid)
-        if delta is None:
-            delta = result[sid] = Delta(sid)
-        if isinstance(event, OffsetCommitted) and not delta.deleted:
-            change = delta.offsets.get(event.consumer)
-            if change is None:
-                delta.offsets[event.consumer] = OffsetChange(NO_OFFSET, event.offset)
-            elif event.offset > change.at_least:
-                change.at_least = event.offset
-        else:
-            add_event(delta, event)
-    return result
+    folder = BatchFolder(deltas)
+    folder.add(events)
+    return folder.finish()
 
 
 def apply_delta(state: SessionState | None, delta: Delta) -> SessionState:

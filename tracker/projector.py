@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tracker.errors import CheckpointConflictError, SnapshotStoreError
-from tracker.events import AnyEvent, Position, decode_event
-from tracker.fold import Delta, fold_batch
+from tracker.events import AnyEvent, Position, decode_event, decode_event_lean
+from tracker.fold import BatchFolder, Delta, fold_batch
 from tracker.logs import Batch, LogBackend
 from tracker.snapshots import CHUNK_SESSIONS, SnapshotStore, parse_partial
 
@@ -25,8 +25,10 @@ MAX_SESSIONS = 100_000
 """A batch also ends once it has deltas for this many sessions, to bound memory."""
 
 
-def decode_batches(batches: list[Batch]) -> list[AnyEvent]:
-    return list(map(decode_event, [record for batch in batches for record in batch.records]))
+def decode_batches(
+    batches: list[Batch], decode: Callable[[bytes], AnyEvent] = decode_event
+) -> list[AnyEvent]:
+    return list(map(decode, [record for batch in batches for record in batch.records]))
 
 
 def read_range(
@@ -130,24 +132,25 @@ class Projector:
         The log is read in pieces and only the deltas are kept, so a batch can be large
         (fewer, fuller merges) without holding its events in memory.
         """
-        deltas: dict[str, Delta] = {}
+        folder = BatchFolder()
         read = 0
         upto: Position | None = None
-        while read < self.batch_records and len(deltas) < self.max_sessions:
+        while read < self.batch_records and folder.size < self.max_sessions:
             batches = self.log.read(partition, after, min(READ_RECORDS, self.batch_records - read))
             if not batches:
                 break
-            events = decode_batches(batches)
-            fold_batch(events, deltas)
+            events = decode_batches(batches, decode_event_lean)
+            folder.add(events)
             read += len(events)
             upto = after = batches[-1].last
             if progress is not None:
                 progress(len(events))
-        return deltas, read, upto
+        return folder.finish(), read, upto
 
     def _finish_partial(self, partition: int, after: str, upto: str, chunk: int, size: int) -> int:
         start = Position.parse(after) if after else None
-        events = decode_batches(read_range(self.log, partition, start, Position.parse(upto)))
+        batches = read_range(self.log, partition, start, Position.parse(upto))
+        events = decode_batches(batches, decode_event_lean)
         deltas = list(fold_batch(events).values())
         self.store.merge(
             partition, deltas, after=after, upto=upto, chunk_sessions=size, first_chunk=chunk + 1

@@ -562,7 +562,7 @@ class Tracker:
         seconds = time.perf_counter() - started
         calls = store.calls
         drop_other_generations(client, self.settings.prefix, keep=generation)
-        sessions = sum(1 for _ in store.scan())
+        sessions = store.count()
         return ReplayReport(events, sessions, seconds, calls)
 
     def verify(self, progress: Progress | None = None) -> VerifyReport:

@@ -261,6 +261,19 @@ class SnapshotStore:
                     batch = []
             yield from (s for s in self.get_many(batch) if s is not None)
 
+    @redis_boundary("counting sessions")
+    def count(self) -> int:
+        """How many snapshots (tombstones included) this generation holds; keys only."""
+        return sum(
+            sum(
+                1
+                for _ in self.client.scan_iter(
+                    match=self.keys.session_prefix(p) + "*", count=READ_CHUNK
+                )
+            )
+            for p in range(self.keys.partitions)
+        )
+
     @redis_boundary("dropping a generation")
     def drop(self) -> int:
         """Delete every key of this generation; returns how many."""
