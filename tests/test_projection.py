@@ -38,7 +38,6 @@ from tracker.projector import Projector
 from tracker.snapshots import (
     CHUNK_SESSIONS,
     SnapshotStore,
-    _encode_wire,
     _wire,
     partial_checkpoint,
 )
@@ -431,7 +430,7 @@ class CrashingStore(SnapshotStore):
                 else partial_checkpoint(after, upto, number - 1, chunk_sessions)
             )
             new = partial_checkpoint(after, upto, number, chunk_sessions)
-            applied, _ = self._merge(keys=key_list, args=[expected, new, _encode_wire(wire)])
+            applied, _ = self._merge(keys=key_list, args=[expected, new, *wire])
             assert int(applied)
         self.crashed = True
         raise Crash(f"died after chunk {stop - 1} of {count}")

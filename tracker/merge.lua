@@ -1,19 +1,19 @@
 -- Merge a chunk of session deltas into one partition's snapshots, fenced by its checkpoint.
--- The Lua twin of tracker.fold.apply_delta; snapshots.py builds the arguments.
+-- The Lua twin of tracker.fold.apply_delta; snapshots.py (_wire) builds the arguments.
 --
 -- KEYS[1]   the partition checkpoint
 -- KEYS[2..] session hashes, and for creates the user and agent index hashes
 -- ARGV[1]   the checkpoint this chunk starts after ('' at the start of the log)
 -- ARGV[2]   the checkpoint to store once the chunk is applied
--- ARGV[3]   msgpack array of deltas, each a map:
---             k  index in KEYS of the session hash
---             x  true: the session was deleted
---             i  the session id
---             c  {agent_id, user_id, created_at} of the first create; ui, ai: index keys
---             tc title if that create takes effect: {} for none, {title}
---             t  last title change: {} cleared, {title} set; absent: unchanged
---             o  flat list consumer, reset_to, at_least ('' = none), offsets as decimal
---                strings since Lua numbers are doubles
+-- ARGV[3..] the deltas, flat, each:
+--   k flags n  f1..fn  r1..rn  a1..an  [create: ui ai id agent user created tc? tc]  [title: t? t]
+--   k       index in KEYS of the session hash
+--   flags   'x' deleted, or any of 'c' (a create follows) and 't' (a title change follows)
+--   f, r, a offset field names ('o:<consumer>'), reset_to and at_least ('' for none);
+--           offsets are decimal strings because Lua numbers are doubles
+--   create  index keys, session id, fields, and the title if that create takes effect
+--           (tc? is '1' for a title, '0' for none)
+--   title   t? is '1' to set t, '0' to clear the title
 -- Returns {1, new checkpoint} when applied, {0, current checkpoint} when fenced out.
 
 local current = redis.call('GET', KEYS[1]) or ''
@@ -21,56 +21,63 @@ if current ~= ARGV[1] then
   return {0, current}
 end
 
-local function greater(a, b)
-  if #a ~= #b then
-    return #a > #b
+local i = 3
+local last = #ARGV
+while i <= last do
+  local key = KEYS[tonumber(ARGV[i])]
+  local flags = ARGV[i + 1]
+  local n = tonumber(ARGV[i + 2])
+  local fields = i + 3
+  i = fields + 3 * n
+  local create, title
+  if string.find(flags, 'c', 1, true) then
+    create = i
+    i = i + 8
   end
-  return a > b
-end
-
-for _, d in ipairs(cmsgpack.unpack(ARGV[3])) do
-  local key = KEYS[d.k]
-  local o = d.o or {}
-  local fields = {'d', 'c'}
-  for i = 1, #o, 3 do
-    fields[#fields + 1] = 'o:' .. o[i]
+  if string.find(flags, 't', 1, true) then
+    title = i
+    i = i + 2
   end
-  local stored = redis.call('HMGET', key, unpack(fields))
+  local stored = redis.call('HMGET', key, 'd', 'c', unpack(ARGV, fields, fields + n - 1))
   if not stored[1] then
-    if d.x then
+    if flags == 'x' then
       redis.call('DEL', key)
       redis.call('HSET', key, 'd', '1')
     else
       local out = {}
-      local title = d.t
-      if d.c and not stored[2] then
-        out[#out + 1] = 'a'; out[#out + 1] = d.c[1]
-        out[#out + 1] = 'u'; out[#out + 1] = d.c[2]
-        out[#out + 1] = 'c'; out[#out + 1] = d.c[3]
-        redis.call('HSET', KEYS[d.ui], d.i, '1')
-        redis.call('HSET', KEYS[d.ai], d.i, '1')
-        title = d.tc
+      local size = 0
+      if create and not stored[2] then
+        size = 6
+        out[1], out[2] = 'a', ARGV[create + 3]
+        out[3], out[4] = 'u', ARGV[create + 4]
+        out[5], out[6] = 'c', ARGV[create + 5]
+        redis.call('HSET', KEYS[tonumber(ARGV[create])], ARGV[create + 2], '1')
+        redis.call('HSET', KEYS[tonumber(ARGV[create + 1])], ARGV[create + 2], '1')
+        title = create + 6
       end
       if title then
-        if title[1] then
-          out[#out + 1] = 't'; out[#out + 1] = title[1]
+        if ARGV[title] == '1' then
+          out[size + 1], out[size + 2] = 't', ARGV[title + 1]
+          size = size + 2
         else
           redis.call('HDEL', key, 't')
         end
       end
-      for i = 1, #o, 3 do
-        local value = stored[2 + (i + 2) / 3]
-        if o[i + 1] ~= '' then
-          value = o[i + 1]
+      for j = 0, n - 1 do
+        local value = stored[3 + j]
+        local reset, least = ARGV[fields + n + j], ARGV[fields + 2 * n + j]
+        if reset ~= '' then
+          value = reset
         end
-        if o[i + 2] ~= '' and (not value or greater(o[i + 2], value)) then
-          value = o[i + 2]
+        if least ~= '' and (not value or #least > #value or (#least == #value and least > value)) then
+          value = least
         end
         if value then
-          out[#out + 1] = 'o:' .. o[i]; out[#out + 1] = value
+          out[size + 1], out[size + 2] = ARGV[fields + j], value
+          size = size + 2
         end
       end
-      if #out > 0 then
+      if size > 0 then
         redis.call('HSET', key, unpack(out))
       end
     end

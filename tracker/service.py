@@ -273,12 +273,15 @@ class Tracker:
         if not records:
             return AppendResult(0, None)
         by_partition: dict[int, tuple[list[AnyEvent], list[bytes]]] = {}
-        for event, record in zip(events, records, strict=True):
-            part_events, part_records = by_partition.setdefault(
-                self._partition(event.session_id), ([], [])
-            )
-            part_events.append(event)
-            part_records.append(record)
+        if self._log.partitions == 1:
+            by_partition[0] = (events, records)
+        else:
+            for event, record in zip(events, records, strict=True):
+                part_events, part_records = by_partition.setdefault(
+                    self._partition(event.session_id), ([], [])
+                )
+                part_events.append(event)
+                part_records.append(record)
         last: Position | None = None
         for partition, (part_events, part_records) in by_partition.items():
             before = self._log.end(partition)
@@ -617,11 +620,16 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
     for column, kind, field in zip(
         columns, (SessionId, ConsumerName), ("session_id", "consumer"), strict=False
     ):
-        for value in dict.fromkeys(column):
+        distinct = list(dict.fromkeys(column))
+        try:
+            msgspec.convert(distinct, list[kind])  # type: ignore[valid-type]
+        except msgspec.ValidationError as exc:
+            index, _ = describe_validation_error(exc)
+            value = distinct[index or 0]
             try:
                 checked(value, kind, field)
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"commit {column.index(value) + 1}: {exc}") from None
+            except InvalidInputError as error:
+                raise InvalidInputError(f"commit {column.index(value) + 1}: {error}") from None
     try:
         msgspec.convert(columns[2], list[Offset])
     except msgspec.ValidationError as exc:

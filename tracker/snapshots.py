@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import ParamSpec, TypeVar, cast
 
-import msgspec
 import redis
 
 from tracker import keys as fields
@@ -30,7 +29,6 @@ SCHEMA_VERSION = "1"
 CHUNK_SESSIONS = 256
 READ_CHUNK = 1000
 
-_encode_wire = msgspec.msgpack.Encoder().encode
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,39 +88,41 @@ def check_redis(client: redis.Redis) -> list[str]:
     return warnings
 
 
-def _wire(
-    keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]
-) -> list[dict[str, Any]]:
-    wire: list[dict[str, Any]] = []
+def _wire(keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]) -> list[str]:
+    """The flat ``ARGV`` tail of ``merge.lua`` for a chunk of deltas (layout documented there)."""
+    args: list[str] = []
+    add = args.append
+    prefix = fields.OFFSET_PREFIX
     for delta in deltas:
-        sid = delta.session_id
-        key_list.append(keys.session(partition, sid))
-        item: dict[str, Any] = {"k": len(key_list)}
+        key_list.append(keys.session(partition, delta.session_id))
+        add(str(len(key_list)))
         if delta.deleted:
-            item["x"] = True
-            wire.append(item)
+            args += ("x", "0")
             continue
         create = delta.create
+        add(("c" if create is not None else "") + ("t" if delta.title_set else "") or "-")
+        offsets = delta.offsets
+        add(str(len(offsets)))
+        args += [prefix + consumer for consumer in offsets]
+        args += ["" if c.reset_to == NO_OFFSET else str(c.reset_to) for c in offsets.values()]
+        args += ["" if c.at_least == NO_OFFSET else str(c.at_least) for c in offsets.values()]
         if create is not None:
             key_list.append(keys.by_user(partition, create.user_id))
-            item["ui"] = len(key_list)
             key_list.append(keys.by_agent(partition, create.agent_id))
-            item["ai"] = len(key_list)
-            item["i"] = sid
-            item["c"] = [create.agent_id, create.user_id, format_datetime(create.created_at)]
             title = delta.title_after_create if delta.title_after_create_set else create.title
-            item["tc"] = [] if title is None else [title]
+            args += (
+                str(len(key_list) - 1),
+                str(len(key_list)),
+                delta.session_id,
+                create.agent_id,
+                create.user_id,
+                format_datetime(create.created_at),
+                "0" if title is None else "1",
+                title or "",
+            )
         if delta.title_set:
-            item["t"] = [] if delta.title is None else [delta.title]
-        if delta.offsets:
-            flat: list[str] = []
-            for consumer, change in delta.offsets.items():
-                flat.append(consumer)
-                flat.append("" if change.reset_to == NO_OFFSET else str(change.reset_to))
-                flat.append("" if change.at_least == NO_OFFSET else str(change.at_least))
-            item["o"] = flat
-        wire.append(item)
-    return wire
+            args += ("0" if delta.title is None else "1", delta.title or "")
+    return args
 
 
 def state_from_hash(session_id: str, values: dict[str, str]) -> SessionState | None:
@@ -195,7 +195,7 @@ class SnapshotStore:
             new = (
                 upto if number == last else partial_checkpoint(after, upto, number, chunk_sessions)
             )
-            self._merge(keys=key_list, args=[expected, new, _encode_wire(wire)], client=pipe)
+            self._merge(keys=key_list, args=[expected, new, *wire], client=pipe)
         self.calls += len(pipe)
         with redis_errors("merging snapshots"):
             results = pipe.execute()
