@@ -38,6 +38,7 @@ from tracker.projector import Projector
 from tracker.snapshots import (
     CHUNK_SESSIONS,
     SnapshotStore,
+    _encode_strings,
     _wire,
     partial_checkpoint,
 )
@@ -430,7 +431,7 @@ class CrashingStore(SnapshotStore):
                 else partial_checkpoint(after, upto, number - 1, chunk_sessions)
             )
             new = partial_checkpoint(after, upto, number, chunk_sessions)
-            applied, _ = self._merge(keys=key_list, args=[expected, new, *wire])
+            applied, _ = self._merge(keys=key_list, args=[expected, new, _encode_strings(wire)])
             assert int(applied)
         self.crashed = True
         raise Crash(f"died after chunk {stop - 1} of {count}")

@@ -5,7 +5,7 @@
 -- KEYS[2..] session hashes, and for creates the user and agent index hashes
 -- ARGV[1]   the checkpoint this chunk starts after ('' at the start of the log)
 -- ARGV[2]   the checkpoint to store once the chunk is applied
--- ARGV[3..] the deltas, flat, each:
+-- ARGV[3]   the deltas as one msgpack array of strings, flat, each:
 --   k flags n  f1..fn  r1..rn  a1..an  [create: ui ai id agent user created tc? tc]  [title: t? t]
 --   k       index in KEYS of the session hash
 --   flags   'x' deleted, or any of 'c' (a create follows) and 't' (a title change follows)
@@ -21,12 +21,13 @@ if current ~= ARGV[1] then
   return {0, current}
 end
 
-local i = 3
-local last = #ARGV
+local delta = cmsgpack.unpack(ARGV[3])
+local i = 1
+local last = #delta
 while i <= last do
-  local key = KEYS[tonumber(ARGV[i])]
-  local flags = ARGV[i + 1]
-  local n = tonumber(ARGV[i + 2])
+  local key = KEYS[tonumber(delta[i])]
+  local flags = delta[i + 1]
+  local n = tonumber(delta[i + 2])
   local fields = i + 3
   i = fields + 3 * n
   local create, title
@@ -38,7 +39,7 @@ while i <= last do
     title = i
     i = i + 2
   end
-  local stored = redis.call('HMGET', key, 'd', 'c', unpack(ARGV, fields, fields + n - 1))
+  local stored = redis.call('HMGET', key, 'd', 'c', unpack(delta, fields, fields + n - 1))
   if not stored[1] then
     if flags == 'x' then
       redis.call('DEL', key)
@@ -48,16 +49,16 @@ while i <= last do
       local size = 0
       if create and not stored[2] then
         size = 6
-        out[1], out[2] = 'a', ARGV[create + 3]
-        out[3], out[4] = 'u', ARGV[create + 4]
-        out[5], out[6] = 'c', ARGV[create + 5]
-        redis.call('HSET', KEYS[tonumber(ARGV[create])], ARGV[create + 2], '1')
-        redis.call('HSET', KEYS[tonumber(ARGV[create + 1])], ARGV[create + 2], '1')
+        out[1], out[2] = 'a', delta[create + 3]
+        out[3], out[4] = 'u', delta[create + 4]
+        out[5], out[6] = 'c', delta[create + 5]
+        redis.call('HSET', KEYS[tonumber(delta[create])], delta[create + 2], '1')
+        redis.call('HSET', KEYS[tonumber(delta[create + 1])], delta[create + 2], '1')
         title = create + 6
       end
       if title then
-        if ARGV[title] == '1' then
-          out[size + 1], out[size + 2] = 't', ARGV[title + 1]
+        if delta[title] == '1' then
+          out[size + 1], out[size + 2] = 't', delta[title + 1]
           size = size + 2
         else
           redis.call('HDEL', key, 't')
@@ -65,7 +66,7 @@ while i <= last do
       end
       for j = 0, n - 1 do
         local value = stored[3 + j]
-        local reset, least = ARGV[fields + n + j], ARGV[fields + 2 * n + j]
+        local reset, least = delta[fields + n + j], delta[fields + 2 * n + j]
         if reset ~= '' then
           value = reset
         end
@@ -73,7 +74,7 @@ while i <= last do
           value = least
         end
         if value then
-          out[size + 1], out[size + 2] = ARGV[fields + j], value
+          out[size + 1], out[size + 2] = delta[fields + j], value
           size = size + 2
         end
       end

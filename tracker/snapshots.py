@@ -16,6 +16,7 @@ from datetime import datetime
 from importlib import resources
 from typing import ParamSpec, TypeVar, cast
 
+import msgspec
 import redis
 
 from tracker import keys as fields
@@ -26,6 +27,7 @@ from tracker.model import format_datetime
 
 MERGE_LUA = resources.files("tracker").joinpath("merge.lua").read_text()
 SCHEMA_VERSION = "1"
+_encode_strings = msgspec.msgpack.Encoder().encode
 CHUNK_SESSIONS = 256
 READ_CHUNK = 1000
 
@@ -89,7 +91,7 @@ def check_redis(client: redis.Redis) -> list[str]:
 
 
 def _wire(keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]) -> list[str]:
-    """The flat ``ARGV`` tail of ``merge.lua`` for a chunk of deltas (layout documented there)."""
+    """The flat argument list of ``merge.lua`` for a chunk of deltas (layout documented there)."""
     args: list[str] = []
     add = args.append
     prefix = fields.OFFSET_PREFIX
@@ -195,7 +197,7 @@ class SnapshotStore:
             new = (
                 upto if number == last else partial_checkpoint(after, upto, number, chunk_sessions)
             )
-            self._merge(keys=key_list, args=[expected, new, *wire], client=pipe)
+            self._merge(keys=key_list, args=[expected, new, _encode_strings(wire)], client=pipe)
         self.calls += len(pipe)
         with redis_errors("merging snapshots"):
             results = pipe.execute()
