@@ -30,7 +30,7 @@ from tracker.events import (
     SessionDeleted,
     encode_validated,
 )
-from tracker.fold import Delta, SessionState, fold_all, fold_batch, visible
+from tracker.fold import BatchFolder, Delta, SessionState, fold_all, fold_batch, visible
 from tracker.keys import SLOTS, Keys, hash_slot, partition_tags
 from tracker.logs.file import FileLog
 from tracker.model import MAX_OFFSET
@@ -185,7 +185,9 @@ def test_projecting_appended_events_without_reading_them_back(
             if action == "rival first":
                 rival.catch_up()
             if action != "skip":
-                projector.apply_appended(0, before, part, batches[-1].last)
+                folder = BatchFolder()
+                folder.add(part)
+                projector.apply_appended(0, before, folder, batches[-1].last)
                 assert redis_state(store) == expected_state(appended)
         projector.catch_up()
         assert_projection(store, log, events)

@@ -205,6 +205,16 @@ class BatchFolder:
                 highest.pop(sid + _SEP + event.consumer, None)
             add_event(delta, event)
 
+    def add_commits(self, commits: Iterable[tuple[str, str, int]]) -> None:
+        """Fold ``(session_id, consumer, offset)`` commits: the same as their events, cheaper."""
+        highest = self._highest
+        seen = highest.get
+        for sid, consumer, offset in commits:
+            key = sid + _SEP + consumer
+            best = seen(key)
+            if best is None or offset > best:
+                highest[key] = offset
+
     def finish(self) -> dict[str, Delta]:
         """The deltas, with the pending commits folded in."""
         deltas = self.deltas

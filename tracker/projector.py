@@ -106,17 +106,18 @@ class Projector:
             applied += read
 
     def apply_appended(
-        self, partition: int, before: Position | None, events: list[AnyEvent], upto: Position
+        self, partition: int, before: Position | None, folder: BatchFolder, upto: Position
     ) -> None:
-        """Project events this process just appended after ``before``, without reading them back.
+        """Project what this process just appended after ``before``, without reading it back.
 
-        The same fold and fenced merge as :meth:`catch_up_partition`; if the checkpoint is
-        not at ``before`` (another projector, or an earlier failure), it catches up instead.
+        ``folder`` holds the appended events, folded. The same fenced merge as
+        :meth:`catch_up_partition`; if the checkpoint is not at ``before`` (another
+        projector, or an earlier failure), it catches up from the log instead.
         """
         try:
             self.store.merge(
                 partition,
-                list(fold_batch(events).values()),
+                list(folder.finish().values()),
                 after="" if before is None else before.token(),
                 upto=upto.token(),
                 chunk_sessions=self.chunk_sessions,

@@ -41,7 +41,7 @@ from tracker.events import (
     new_event_ids,
     utcnow,
 )
-from tracker.fold import SessionState, fold_all, visible
+from tracker.fold import BatchFolder, SessionState, fold_all, visible
 from tracker.keys import Keys, partition_for
 from tracker.logs import LogBackend, open_log
 from tracker.model import AgentId, ConsumerName, Offset, SessionDTO, SessionId, Title, checked
@@ -251,45 +251,58 @@ class Tracker:
                     "run `tracker replay` to rebuild the projection"
                 )
 
-    @property
-    def store(self) -> SnapshotStore:
+    def _check_projection(self) -> None:
+        """Refuse to use a projection of another log (or of a cut one) until a replay."""
         if self._foreign is not None:
             raise SnapshotStoreError(self._foreign)
+
+    @property
+    def store(self) -> SnapshotStore:
+        self._check_projection()
         return self._store
 
     def _partition(self, session_id: str) -> int:
         return partition_for(session_id, self._log.partitions)
 
     def _append(
-        self, events: list[AnyEvent], *, what: str = "item", records: list[bytes] | None = None
+        self,
+        events: list[AnyEvent],
+        *,
+        what: str = "item",
+        records: list[bytes] | None = None,
+        commits: list[tuple[str, str, int]] | None = None,
     ) -> AppendResult:
-        """Validate, append, and catch the projection up; the single write path.
+        """Validate, append, and project; the single write path.
 
-        ``records`` are the events already encoded by a caller that validated them itself.
+        ``records`` are the events already encoded by a caller that validated them
+        itself; ``commits`` the same events as tuples, which fold faster.
         """
-        store = self.store
+        self._check_projection()
         if records is None:
             records = encode_validated(events, what=what)
         if not records:
             return AppendResult(0, None)
-        by_partition: dict[int, tuple[list[AnyEvent], list[bytes]]] = {}
+        groups: dict[int, tuple[list[AnyEvent], list[bytes]]] = {}
         if self._log.partitions == 1:
-            by_partition[0] = (events, records)
+            groups[0] = (events, records)
         else:
+            commits = None
             for event, record in zip(events, records, strict=True):
-                part_events, part_records = by_partition.setdefault(
-                    self._partition(event.session_id), ([], [])
-                )
-                part_events.append(event)
-                part_records.append(record)
+                group = groups.setdefault(self._partition(event.session_id), ([], []))
+                group[0].append(event)
+                group[1].append(record)
         last: Position | None = None
-        for partition, (part_events, part_records) in by_partition.items():
+        for partition, (group_events, group_records) in groups.items():
             before = self._log.end(partition)
-            batches = self._log.append(partition, part_records)
+            batches = self._log.append(partition, group_records)
             upto = batches[-1].last
-            self._projector.apply_appended(partition, before, part_events, upto)
+            folder = BatchFolder()
+            if commits is not None:
+                folder.add_commits(commits)
+            else:
+                folder.add(group_events)
+            self._projector.apply_appended(partition, before, folder, upto)
             last = upto if last is None else max(last, upto)
-        del store
         return AppendResult(len(records), last)
 
     def _state(self, session_id: str) -> SessionState | None:
@@ -460,7 +473,7 @@ class Tracker:
         ]
         if strict:
             self._require_live({event.session_id for event in events})
-        return self._append(events, records=list(map(encode_event, events)))
+        return self._append(events, records=list(map(encode_event, events)), commits=items)
 
     def _require_live(self, session_ids: set[str]) -> None:
         wanted = sorted(str(checked(sid, SessionId, "session_id")) for sid in session_ids)
@@ -611,12 +624,19 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
     first bad item by its 1-based number.
     """
     items = list(commits)
-    for number, item in enumerate(items, start=1):
-        if not (isinstance(item, tuple | list) and len(item) == 3):
-            raise InvalidInputError(
-                f"commit {number}: expected (session_id, consumer, offset), got {item!r}"
-            )
-    columns = list(zip(*items, strict=True)) if items else [(), (), ()]
+    try:
+        columns = list(zip(*items, strict=True)) if items else [(), (), ()]
+    except (TypeError, ValueError):
+        columns = []
+    if len(columns) != 3 or not all(isinstance(item, tuple | list) for item in items):
+        number, item = next(
+            (n, item)
+            for n, item in enumerate(items, start=1)
+            if not (isinstance(item, tuple | list) and len(item) == 3)
+        )
+        raise InvalidInputError(
+            f"commit {number}: expected (session_id, consumer, offset), got {item!r}"
+        )
     for column, kind, field in zip(
         columns, (SessionId, ConsumerName), ("session_id", "consumer"), strict=False
     ):
