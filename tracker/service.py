@@ -179,6 +179,9 @@ class Tracker:
         self.close()
 
     def close(self) -> None:
+        store: SnapshotStore | None = getattr(self, "_store", None)
+        if store is not None:
+            store.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -574,6 +577,7 @@ class Tracker:
                 "schema": SCHEMA_VERSION,
             },
         )
+        self._store.close()
         self._store, self._projector, self._foreign = store, projector, None
         seconds = time.perf_counter() - started
         calls = store.calls
@@ -628,15 +632,9 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
         columns = list(zip(*items, strict=True)) if items else [(), (), ()]
     except (TypeError, ValueError):
         columns = []
-    if len(columns) != 3 or not all(isinstance(item, tuple | list) for item in items):
-        number, item = next(
-            (n, item)
-            for n, item in enumerate(items, start=1)
-            if not (isinstance(item, tuple | list) and len(item) == 3)
-        )
-        raise InvalidInputError(
-            f"commit {number}: expected (session_id, consumer, offset), got {item!r}"
-        )
+    if len(columns) != 3:
+        _reject_shape(items)
+        raise InvalidInputError("commits: expected (session_id, consumer, offset) items")
     for column, kind, field in zip(
         columns, (SessionId, ConsumerName), ("session_id", "consumer"), strict=False
     ):
@@ -644,6 +642,7 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
         try:
             msgspec.convert(distinct, list[kind])  # type: ignore[valid-type]
         except msgspec.ValidationError as exc:
+            _reject_shape(items)
             index, _ = describe_validation_error(exc)
             value = distinct[index or 0]
             try:
@@ -653,6 +652,7 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
     try:
         msgspec.convert(columns[2], list[Offset])
     except msgspec.ValidationError as exc:
+        _reject_shape(items)
         index, message = describe_validation_error(exc)
         number = 1 if index is None else index + 1
         raise InvalidInputError(
@@ -660,6 +660,15 @@ def validate_commits(commits: Iterable[tuple[str, str, int]]) -> list[tuple[str,
             f"(got {columns[2][number - 1]!r})"
         ) from None
     return items
+
+
+def _reject_shape(items: list[tuple[str, str, int]]) -> None:
+    """Raise for the first item that is not a 3-tuple (or list); only on the error path."""
+    for number, item in enumerate(items, start=1):
+        if not (isinstance(item, tuple | list) and len(item) == 3):
+            raise InvalidInputError(
+                f"commit {number}: expected (session_id, consumer, offset), got {item!r}"
+            )
 
 
 def describe_difference(expected: SessionState | None, actual: SessionState | None) -> str | None:

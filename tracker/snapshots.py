@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from importlib import resources
-from typing import ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import msgspec
 import redis
@@ -29,6 +30,7 @@ MERGE_LUA = resources.files("tracker").joinpath("merge.lua").read_text()
 SCHEMA_VERSION = "1"
 _encode_strings = msgspec.msgpack.Encoder().encode
 CHUNK_SESSIONS = 256
+CHUNKS_PER_ROUND_TRIP = 8
 READ_CHUNK = 1000
 
 
@@ -157,6 +159,7 @@ class SnapshotStore:
         self.keys = keys
         self.calls = 0
         self._merge = client.register_script(MERGE_LUA)
+        self._sender_pool: ThreadPoolExecutor | None = None
 
     @redis_boundary("reading a checkpoint")
     def checkpoint(self, partition: int) -> str:
@@ -185,8 +188,12 @@ class SnapshotStore:
             deltas[i : i + chunk_sessions] for i in range(0, max(len(deltas), 1), chunk_sessions)
         ]
         last = len(chunks) - 1
+        sent: list[Future[list[Any]]] = []
         pipe = self.client.pipeline(transaction=False)
         for number in range(first_chunk, len(chunks)):
+            if len(pipe) == CHUNKS_PER_ROUND_TRIP:
+                sent.append(self._sender().submit(self._execute, pipe))
+                pipe = self.client.pipeline(transaction=False)
             key_list = [cp_key]
             wire = _wire(self.keys, partition, chunks[number], key_list)
             expected = (
@@ -198,15 +205,35 @@ class SnapshotStore:
                 upto if number == last else partial_checkpoint(after, upto, number, chunk_sessions)
             )
             self._merge(keys=key_list, args=[expected, new, _encode_strings(wire)], client=pipe)
-        self.calls += len(pipe)
         with redis_errors("merging snapshots"):
-            results = pipe.execute()
+            results = [result for future in sent for result in future.result()]
+            results += self._execute(pipe)
         for applied, current in results:
             if not int(applied):
                 raise CheckpointConflictError(
                     f"partition {partition}: checkpoint is {current!r}, expected {after!r}; "
                     "another projector is applying this partition"
                 )
+
+    def _execute(self, pipe: redis.client.Pipeline) -> list[Any]:
+        self.calls += len(pipe)
+        return pipe.execute()
+
+    def _sender(self) -> ThreadPoolExecutor:
+        """One thread that sends merge round trips in order, while the caller builds the next.
+
+        Redis runs the merges of one round trip while Python encodes the next, so a large
+        batch costs about the larger of the two, not their sum. Fencing keeps order: a
+        round trip whose first chunk finds an unexpected checkpoint fails as a whole.
+        """
+        if self._sender_pool is None:
+            self._sender_pool = ThreadPoolExecutor(1, thread_name_prefix="tracker-merge")
+        return self._sender_pool
+
+    def close(self) -> None:
+        if self._sender_pool is not None:
+            self._sender_pool.shutdown()
+            self._sender_pool = None
 
     @redis_boundary("reading a session")
     def get(self, partition: int, session_id: str) -> SessionState | None:
