@@ -107,9 +107,13 @@ def _wire(keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[st
         add(("c" if create is not None else "") + ("t" if delta.title_set else "") or "-")
         offsets = delta.offsets
         add(str(len(offsets)))
-        args += [prefix + consumer for consumer in offsets]
-        args += ["" if c.reset_to == NO_OFFSET else str(c.reset_to) for c in offsets.values()]
-        args += ["" if c.at_least == NO_OFFSET else str(c.at_least) for c in offsets.values()]
+        # plain loops: comprehensions would allocate GC-tracked lists per session
+        for consumer in offsets:
+            add(prefix + consumer)
+        for change in offsets.values():
+            add("" if change.reset_to == NO_OFFSET else str(change.reset_to))
+        for change in offsets.values():
+            add("" if change.at_least == NO_OFFSET else str(change.at_least))
         if create is not None:
             key_list.append(keys.by_user(partition, create.user_id))
             key_list.append(keys.by_agent(partition, create.agent_id))
