@@ -314,7 +314,7 @@ class Tracker:
         Every stored id passed that check when it was written, so the regex stays off the
         path of successful reads.
         """
-        if not isinstance(session_id, str):
+        if not isinstance(cast(object, session_id), str):
             checked(session_id, SessionId, "session_id")
         state = self.store.get(self._partition(session_id), session_id)
         if state is None:
