@@ -191,10 +191,9 @@ class BatchFolder:
         commit = _COMMIT_CLASSES
         for event in events:
             if event.__class__ in commit:
-                key = event.session_id + _SEP + event.consumer  # type: ignore[union-attr]
+                key = f"{event.session_id}\x00{event.consumer}"  # type: ignore[union-attr]
                 offset = event.offset  # type: ignore[union-attr]
-                best = seen(key)
-                if best is None or offset > best:
+                if offset > seen(key, NO_OFFSET):
                     highest[key] = offset
                 continue
             sid = event.session_id
@@ -210,9 +209,8 @@ class BatchFolder:
         highest = self._highest
         seen = highest.get
         for sid, consumer, offset in commits:
-            key = sid + _SEP + consumer
-            best = seen(key)
-            if best is None or offset > best:
+            key = f"{sid}\x00{consumer}"
+            if offset > seen(key, NO_OFFSET):
                 highest[key] = offset
 
     def finish(self) -> dict[str, Delta]:
