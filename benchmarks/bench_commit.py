@@ -40,6 +40,7 @@ from benchmarks._common import (
     chunks,
     commit_events,
     emit,
+    frozen_heap,
     log,
     median,
     parser,
@@ -173,7 +174,8 @@ def measure_size(
         commits = workload.commits(n)
         calls = chunks(commits, per_call)
         cpu = redis_cpu(client)
-        wall, each = commit_all(tracker, calls)
+        with frozen_heap():
+            wall, each = commit_all(tracker, calls)
         server_cpu.append(redis_cpu(client) - cpu)
         walls.append(wall)
         call_seconds.extend(each)
@@ -181,7 +183,8 @@ def measure_size(
             f"commit_many x{len(calls)} of {per_call}: {wall:.3f}s ({n / wall:,.0f}/s), "
             f"redis-server CPU {server_cpu[-1]:.3f}s  [{i + 1}/{repeat}]"
         )
-        ceiling = encode_append(ceiling_log, calls)
+        with frozen_heap():
+            ceiling = encode_append(ceiling_log, calls)
         ceilings.append(ceiling)
         ratios.append((n / wall) / (n / ceiling["seconds"]))
         events = commit_events(commits, datetime.now(UTC))
@@ -196,7 +199,8 @@ def measure_size(
         )
         if i == 0:  # the slowest ceiling: once per call size, on the first calls
             subset = calls[: max(1, PROJECTION_COMMITS // per_call)]
-            projection = fold_merge(ceiling_client, workload, subset)
+            with frozen_heap():
+                projection = fold_merge(ceiling_client, workload, subset)
             projection["commits"] = sum(map(len, subset))
             ceiling_client.flushdb()
             projections.append(projection)
@@ -313,6 +317,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "repeat_others": args.repeat_others,
             "seed": args.seed,
             "redis": f"{version} tcp 127.0.0.1",
+            "workload_frozen_out_of_gc": True,
         },
         "seconds": head["seconds"],
         "median_rate": rate,
