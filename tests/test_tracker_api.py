@@ -181,6 +181,16 @@ def test_commit_many_strict_refuses_unknown_sessions_and_appends_nothing(
         tracker.commit_many([(a, "client", 3), ("ghost", "client", 1)], strict=True)
     assert tracker.event_count() == 1
     assert tracker.offsets(a) == {}
+    tracker.commit_many([("orphan", "client", 1)])  # kept: strict=False is the default
+    gone = create(tracker, "gone").id
+    tracker.delete_session(gone)
+    count = tracker.event_count()
+    for refused in ("orphan", gone):
+        with pytest.raises(SessionNotFoundError, match=refused):
+            tracker.commit_many([(a, "client", 3), (refused, "client", 2)], strict=True)
+    assert tracker.event_count() == count
+    assert tracker.commit_many([(a, "client", 3)], strict=True).count == 1
+    assert tracker.offsets(a) == {"client": 3}
 
 
 def test_reset_moves_backwards_with_a_plan_first(tracker: Tracker) -> None:

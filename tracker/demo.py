@@ -95,7 +95,7 @@ def run_demo(out: Console, *, sessions: int, commits: int, seed: int) -> None:
             out.print(
                 f"replay: {report.events:,} events, {report.sessions:,} sessions, "
                 f"{report.seconds:.2f} s, {report.rate:,.0f} events/s, "
-                f"{report.redis_calls / max(report.events, 1) * 1000:.1f} Redis calls "
+                f"{report.redis_calls / max(report.events, 1) * 1000:.2f} Redis calls "
                 "per 1,000 events",
                 markup=False,
             )

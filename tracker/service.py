@@ -488,14 +488,14 @@ class Tracker:
         return self._append(events, records=list(map(encode_event, events)), commits=items)
 
     def _require_live(self, session_ids: set[str]) -> None:
-        wanted = sorted(str(checked(sid, SessionId, "session_id")) for sid in session_ids)
-        states = self.store.get_many([(self._partition(sid), sid) for sid in wanted])
-        for sid, state in zip(wanted, states, strict=True):
-            if state is None or not state.created or state.deleted:
-                raise SessionNotFoundError(
-                    f"session {sid} not found "
-                    "(use strict=False to keep offsets of unknown sessions)"
-                )
+        """Refuse unless every (already validated) id is a created, undeleted session."""
+        wanted = sorted(session_ids)
+        missing = self.store.not_live([(self._partition(sid), sid) for sid in wanted])
+        if missing:
+            raise SessionNotFoundError(
+                f"session {missing[0]} not found "
+                "(use strict=False to keep offsets of unknown sessions)"
+            )
 
     def plan_reset(self, session_id: str, consumer: str, offset: int) -> ResetPlan:
         """What :meth:`reset_offset` would do, without doing it."""

@@ -38,23 +38,32 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def translate(error: redis.RedisError, action: str) -> SnapshotStoreError:
+    """The tracker's error for one of redis-py's, raised at the boundary."""
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return SnapshotUnavailableError(f"Redis did not answer while {action}: {error}")
+    return SnapshotStoreError(f"Redis refused {action}: {error}")
+
+
 @contextmanager
 def redis_errors(action: str) -> Iterator[None]:
     """Turn redis-py's errors into the tracker's, at the boundary."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise SnapshotUnavailableError(f"Redis did not answer while {action}: {exc}") from exc
     except redis.RedisError as exc:
-        raise SnapshotStoreError(f"Redis refused {action}: {exc}") from exc
+        raise translate(exc, action) from exc
 
 
 def redis_boundary(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a method so redis-py's errors leave it as the tracker's (see :func:`translate`)."""
+
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(method)
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            with redis_errors(action):
+            try:
                 return method(*args, **kwargs)
+            except redis.RedisError as exc:
+                raise translate(exc, action) from exc
 
         return call
 
@@ -260,6 +269,21 @@ class SnapshotStore:
                 state_from_hash(sid, v) for (_, sid), v in zip(chunk, values, strict=True)
             )
         return states
+
+    @redis_boundary("checking sessions")
+    def not_live(self, items: Sequence[tuple[int, str]]) -> list[str]:
+        """The ids among ``(partition, session_id)`` that are unknown, never created or deleted."""
+        missing: list[str] = []
+        for start in range(0, len(items), READ_CHUNK):
+            chunk = items[start : start + READ_CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            for partition, sid in chunk:
+                pipe.hmget(self.keys.session(partition, sid), fields.CREATED_AT, fields.DELETED)
+            self.calls += len(chunk)
+            for (_, sid), (created, deleted) in zip(chunk, pipe.execute(), strict=True):
+                if not created or deleted:
+                    missing.append(sid)
+        return missing
 
     @redis_boundary("listing sessions")
     def list_by(
