@@ -35,6 +35,7 @@ from tracker.events import (
     SessionCreated,
     SessionDeleted,
     TitleChanged,
+    decode_event_lean,
     describe_validation_error,
     encode_event,
     encode_validated,
@@ -604,18 +605,15 @@ class Tracker:
             upto = self.applied_position(partition)
             after: Position | None = None
             while upto is not None and (batches := self._log.read(partition, after, 100_000)):
-                decoded = [
-                    event
-                    for batch in batches
-                    for position, event in zip(
-                        batch.positions(), decode_batches([batch]), strict=True
-                    )
-                    if position <= upto
-                ]
-                fold_all(decoded, folded)
-                events += len(decoded)
-                if progress is not None:
-                    progress(len(decoded))
+                for batch in batches:
+                    records = batch.records
+                    if batch.last > upto:  # past the checkpoint: keep what was applied
+                        keep = upto.index - batch.first_index + 1
+                        records = records[:keep] if batch.offset == upto.offset else []
+                    fold_all(map(decode_event_lean, records), folded)
+                    events += len(records)
+                    if progress is not None:
+                        progress(len(records))
                 after = batches[-1].last
                 if after >= upto:
                     break
