@@ -66,6 +66,18 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def start_logged(command: Sequence[str], logfile: Path, *, mode: str) -> subprocess.Popen[bytes]:
+    """Start ``command`` in its own session, its output going to ``logfile``."""
+    with open(logfile, mode) as out:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 @contextlib.contextmanager
 def spawned(
     argv: Sequence[str],
@@ -85,14 +97,7 @@ def spawned(
     for _ in range(attempts):
         port = free_port()
         command = [part.replace("{port}", str(port)) for part in argv]
-        with open(logfile, "wb") as out:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_logged(command, logfile, mode="wb")
         try:
             deadline = time.monotonic() + timeout
             while not ready(port):
@@ -166,14 +171,7 @@ def start_redis(port: int, workdir: Path, timeout: float = 15.0) -> subprocess.P
     """A ``redis-server`` on a given port (to restart one in place); stopped by the caller."""
     command = [part.replace("{port}", str(port)) for part in redis_argv(workdir)]
     logfile = workdir / f"redis-server-{port}.log"
-    with open(logfile, "ab") as out:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_logged(command, logfile, mode="ab")
     deadline = time.monotonic() + timeout
     while not redis_pings(port):
         if process.poll() is not None or time.monotonic() > deadline:
