@@ -74,6 +74,7 @@ class World:
                     yield log, store
             finally:
                 store.drop()
+                store.close()
 
 
 @pytest.fixture
