@@ -54,10 +54,20 @@ class EmbeddedRedis:
         self.socket = _socket_path(self.directory)
         self.start_timeout = start_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self._adopted = False
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    def _shutdown_adopted(self) -> None:
+        try:
+            with redis.Redis(
+                unix_socket_path=str(self.socket), socket_timeout=5, retry=Retry(NoBackoff(), 0)
+            ) as client:
+                client.shutdown()  # SHUTDOWN fsyncs the AOF; the server is not our child
+        except redis.RedisError:
+            pass
 
     def _answers(self) -> bool:
         if not self.socket.exists():
@@ -72,6 +82,9 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         if self._answers():
+            # left running by a process that died; the caller holds the data dir's log lock,
+            # so nobody else uses it: adopt it, and shut it down in stop() like our own
+            self._adopted = True
             return self.url
         self.directory.mkdir(parents=True, exist_ok=True)
         self.socket.unlink(missing_ok=True)
@@ -104,8 +117,12 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        """Shut down the server this object started (AOF flushed), if any."""
+        """Shut down the server this object started or adopted (AOF flushed), if any."""
         process, self._process = self._process, None
+        if self._adopted:
+            self._adopted = False
+            self._shutdown_adopted()
+            return
         if process is None:
             return
         if process.poll() is None:
