@@ -8,10 +8,13 @@ same workload.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
 import os
 import platform
+import pstats
 import random
 import resource
 import shutil
@@ -132,6 +135,19 @@ def frozen_heap() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def profiled(fn: Callable[[], object], top: int) -> str:
+    """Run ``fn`` once under cProfile; the top ``top`` functions by own and cumulative time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:

@@ -24,9 +24,6 @@ Ceilings, in the same run, interleaved with the tracker's repeats:
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -46,6 +43,7 @@ from benchmarks._common import (
     parser,
     percentile,
     positive_ints,
+    profiled,
     rate_summary,
     redis_server,
     timed,
@@ -137,19 +135,6 @@ def fold_merge(
         "redis_server_cpu": redis_cpu(client) - cpu,
         "session_merges": sessions,
     }
-
-
-def profile_calls(tracker: Tracker, calls: Sequence[Sequence[Commit]], top: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for call in calls:
-        tracker.commit_many(call)
-    profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
 
 
 def measure_size(
@@ -289,8 +274,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 for i, size in enumerate(args.per_call)
             ]  # fmt: skip
             profile = (
-                profile_calls(
-                    tracker, chunks(workload.commits(args.commits), args.per_call[0]), args.profile
+                profiled(
+                    lambda: [
+                        tracker.commit_many(call)
+                        for call in chunks(workload.commits(args.commits), args.per_call[0])
+                    ],
+                    args.profile,
                 )
                 if args.profile
                 else ""

@@ -12,9 +12,6 @@ hits all three alike), on a second connection with the same options as the track
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +28,7 @@ from benchmarks._common import (
     median,
     parser,
     percentile,
+    profiled,
     redis_server,
     timed,
     workdir,
@@ -66,17 +64,6 @@ def combine(passes: list[dict[str, float]]) -> dict[str, float]:
     out = {name: round(median([p[name] for p in passes]), 1) for name in (*QUANTILES, "mean")}
     out["max"] = max(p["max"] for p in passes)
     return out
-
-
-def profile_gets(tracker: Tracker, ids: Sequence[str], top: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for sid in ids:
-        tracker.get_session(sid)
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
-    return out.getvalue()
 
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -137,7 +124,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         for name, p in passes.items()
                     )
                 )
-            profile = profile_gets(tracker, ids[: args.gets], args.profile) if args.profile else ""
+            profile = (
+                profiled(
+                    lambda: [tracker.get_session(sid) for sid in ids[: args.gets]], args.profile
+                )
+                if args.profile
+                else ""
+            )
         finally:
             tracker.close()
             raw.close()

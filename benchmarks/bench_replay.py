@@ -25,9 +25,6 @@ itself spent.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import shutil
 import time
 from pathlib import Path
@@ -44,6 +41,7 @@ from benchmarks._common import (
     log,
     median,
     parser,
+    profiled,
     rate_summary,
     redis_server,
     rounded,
@@ -169,18 +167,6 @@ def merge_only(client: redis.Redis, plan: Plan) -> tuple[float, int]:
     return time.perf_counter() - started, store.calls
 
 
-def profile_replay(tracker: Tracker, top: int) -> str:
-    profiler = cProfile.Profile()
-    profiler.enable()
-    tracker.replay()
-    profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return out.getvalue()
-
-
 def run(args: argparse.Namespace, server: RedisServer, tmp: Path) -> dict[str, Any]:
     workload = Workload(args.seed, args.sessions)
     data_dir = tmp / "data"
@@ -253,7 +239,7 @@ def run(args: argparse.Namespace, server: RedisServer, tmp: Path) -> dict[str, A
             )
             del plan
         if args.profile:
-            profile = profile_replay(tracker, args.profile)
+            profile = profiled(tracker.replay, args.profile)
     finally:
         tracker.close()
         client.close()
