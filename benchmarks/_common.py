@@ -459,12 +459,12 @@ def build_log(
     total = 0
     with FileLog(directory, fsync=False) as file_log:
         for part in chunks(workload.creates(), batch):
-            total += len(file_log.append(0, encode_validated(list(part)))[0].records)
+            total += file_log.append(0, encode_validated(list(part))).count
         remaining = commits
         while remaining > 0:
             n = min(batch, remaining)
             at = EPOCH + timedelta(seconds=total // batch)
             records = encode_validated(commit_events(workload.commits(n), at))
-            total += sum(len(b.records) for b in file_log.append(0, records))
+            total += file_log.append(0, records).count
             remaining -= n
     return total, time.perf_counter() - started

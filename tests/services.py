@@ -219,3 +219,30 @@ def redis_container() -> Iterator[str]:
         host = container.get_container_host_ip()
         port = container.get_exposed_port(6379)
         yield f"redis://{host}:{port}/0"
+
+
+def without_write_access(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that file permissions bind it, as they bind a user on a backup.
+
+    Root writes anywhere, so as root the command runs under util-linux's ``setpriv``
+    without the capabilities that override permissions.
+    """
+    if os.geteuid() != 0:
+        return list(argv)
+    drop = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", "--bounding-set", drop, "--inh-caps", "-all", "--", *argv]
+
+
+@contextlib.contextmanager
+def read_only_tree(root: Path) -> Iterator[Path]:
+    """``root`` and everything below it made read-only (restored afterwards)."""
+    paths = [root, *root.rglob("*")]
+    modes = {path: path.stat().st_mode for path in paths if not path.is_symlink()}
+    try:
+        for path, mode in modes.items():
+            path.chmod(mode & ~0o222)
+        yield root
+    finally:
+        for path, mode in modes.items():
+            with contextlib.suppress(OSError):
+                path.chmod(mode)

@@ -751,8 +751,26 @@ def test_replay_after_losing_redis_keys(cli: Cli, redis_client: redis.Redis, pre
     assert cli.json("sessions", "show", "rpl-1") == before
 
 
-def test_verify_on_empty_log(cli: Cli) -> None:
+def test_verify_on_an_empty_log(cli: Cli) -> None:
+    cli.ok("sessions", "create", "--agent-id", FLUX_AGENT, "--user-id", FLUX_USER, "--id", "gone")
+    cli.ok("sessions", "delete", "gone")
     assert cli.ok("verify").stdout.splitlines() == ["verify: 0 differences"]
+
+
+def test_read_commands_refuse_a_data_dir_without_a_log(cli: Cli) -> None:
+    """A mistyped --data-dir is not taken for an empty log (and nothing is created there)."""
+    for command in (
+        ["verify"],
+        ["replay"],
+        ["sessions", "list"],
+        ["events", "export"],
+        ["sessions", "show", "abc"],
+        ["offsets", "show", "abc"],
+    ):
+        result = cli.run(*command)
+        assert result.exit_code == 1, (command, describe(result))
+        assert "no event log" in result.stderr
+    assert not (cli.data_dir / "log").exists()
 
 
 def test_demo(cli: Cli) -> None:
@@ -791,7 +809,7 @@ def test_flags_override_environment(
     cli.ok(*flags, "sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "flag-1")
     assert (other_dir / "log").is_dir()
     assert not cli.data_dir.exists()
-    assert cli.json_lines("sessions", "list", "--json") == []
+    cli.fails(1, "sessions", "list", "--json")
     flagged = Cli(other_dir, redis_url, other_prefix)
     assert [s["id"] for s in flagged.json_lines("sessions", "list", "--json")] == ["flag-1"]
 
@@ -808,25 +826,27 @@ def test_valid_flag_wins_over_invalid_environment(
 ) -> None:
     """A flag replaces its variable, so a bad value in the environment must not matter."""
     good = cli.prefix if flag == "--prefix" else cli.redis_url
+    cli.create("env-1")
     result = cli.run(flag, good, "verify", env={variable: value})
     assert result.exit_code == 0, describe(result)
     assert result.stdout.splitlines() == ["verify: 0 differences"]
 
 
 def test_two_logs_sharing_a_prefix(cli: Cli, tmp_path: Path, redis_url: str) -> None:
-    """Redis holding another log's projection is refused until `replay` rebuilds it."""
+    """Redis holding another log's projection is refused; replay replaces it only if forced."""
     cli.create("log-a-1")
     other = Cli(tmp_path / "other", redis_url, cli.prefix)
-    result = other.fails(1, "sessions", "list")
-    one_line_error(result, cli.prefix, "replay")
-    before = other.log_files()
-    other.fails(1, "offsets", "commit", "x-1", "client", "3", "--allow-unknown")
-    assert other.log_files() == before
+    result = other.fails(1, "offsets", "commit", "x-1", "client", "3", "--allow-unknown")
+    one_line_error(result, cli.prefix, "--prefix")
+    assert other.ok("events", "export").stdout == "", "the refused commit appended nothing"
+    result = other.fails(1, "replay")
+    one_line_error(result, "another log", "--prefix", "--force")
+    assert cli.json("sessions", "show", "log-a-1")["id"] == "log-a-1", "nothing was replaced"
 
-    assert other.ok("replay").stdout.startswith("replayed 0 events into 0 sessions")
+    assert other.ok("replay", "--force").stdout.startswith("replayed 0 events into 0 sessions")
     assert other.json_lines("sessions", "list", "--json") == []
-    one_line_error(cli.fails(1, "sessions", "show", "log-a-1"), "replay")
-    cli.ok("replay")
+    one_line_error(cli.fails(1, "sessions", "show", "log-a-1"), "another log", "--force")
+    cli.ok("replay", "--force")
     assert cli.json("sessions", "show", "log-a-1")["id"] == "log-a-1"
 
 

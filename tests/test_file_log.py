@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.services import stop_process
-from tracker.errors import LogCorruptError, LogError, LogLockedError
+from tracker.errors import LogCorruptError, LogError
 from tracker.events import Position
 from tracker.logs import Batch
 from tracker.logs.file import HEADER, SEGMENT_SUFFIX, FileLog
@@ -57,8 +51,8 @@ def log(log_dir: Path) -> Iterator[FileLog]:
 
 
 def test_append_returns_the_batches_as_written(log: FileLog) -> None:
-    first = log.append(0, records(0, 3))
-    second = log.append(0, records(3, 2))
+    first = log.append(0, records(0, 3)).batches
+    second = log.append(0, records(3, 2)).batches
     assert first == [Batch(0, 0, 0, records(0, 3))]
     assert second == [Batch(0, 1, 0, records(3, 2))]
     assert first[0].first == Position(0, 0, 0)
@@ -83,7 +77,7 @@ def test_empty_log(log: FileLog) -> None:
     assert log.read(0, None, 10) == []
     assert log.end(0) is None
     assert log.count(0) == 0
-    assert log.append(0, []) == []
+    assert log.append(0, []).count == 0
     assert log.end(0) is None
 
 
@@ -146,7 +140,7 @@ def test_persists_across_reopen_with_the_same_identity(log_dir: Path) -> None:
         assert read_all(log) == records(0, 6)
         assert log.count(0) == 6
         assert log.end(0) == Position(0, 1, 2)
-        assert log.append(0, records(6, 1)) == [Batch(0, 2, 0, records(6, 1))]
+        assert log.append(0, records(6, 1)).batches == [Batch(0, 2, 0, records(6, 1))]
     with FileLog(log_dir) as log:
         assert read_all(log) == records(0, 7)
 
@@ -185,7 +179,7 @@ def test_segments_roll_and_reads_cross_them(log_dir: Path) -> None:
 
 def test_frames_are_split_by_max_frame_records(log_dir: Path) -> None:
     with FileLog(log_dir, max_frame_records=4) as log:
-        batches = log.append(0, records(0, 10))
+        batches = log.append(0, records(0, 10)).batches
         assert [(b.offset, len(b.records)) for b in batches] == [(0, 4), (1, 4), (2, 2)]
         assert [r for b in batches for r in b.records] == records(0, 10)
         assert log.end(0) == Position(0, 2, 1)
@@ -209,16 +203,22 @@ def test_any_position_reads_the_rest_in_order(
     reopen: bool,
 ) -> None:
     directory = tmp_path_factory.mktemp("prop")
-    options = {"segment_bytes": segment_bytes, "max_frame_records": max_frame_records}
-    log = FileLog(directory, fsync=False, **options)
+    log = FileLog(
+        directory, fsync=False, segment_bytes=segment_bytes, max_frame_records=max_frame_records
+    )
     try:
         written: list[tuple[Position, bytes]] = []
         for chunk in appends:
-            for batch in log.append(0, chunk):
+            for batch in log.append(0, chunk).batches:
                 written.extend(zip(batch.positions(), batch.records, strict=True))
         if reopen:
             log.close()
-            log = FileLog(directory, fsync=False, **options)
+            log = FileLog(
+                directory,
+                fsync=False,
+                segment_bytes=segment_bytes,
+                max_frame_records=max_frame_records,
+            )
         assert [p for p, _ in written] == sorted(p for p, _ in written)
         assert read_positions(log) == [p for p, _ in written]
         assert log.count(0) == len(written)
@@ -230,52 +230,6 @@ def test_any_position_reads_the_rest_in_order(
             assert log.count(0, after) == len(written) - k - 1
     finally:
         log.close()
-
-
-# -- the single-writer lock -------------------------------------------------------------
-
-
-def test_a_second_writer_in_this_process_is_refused(log_dir: Path) -> None:
-    with FileLog(log_dir) as log:
-        log.append(0, records(0, 1))
-        started = time.monotonic()
-        with pytest.raises(LogLockedError, match=f"pid {os.getpid()}"):
-            FileLog(log_dir, lock_timeout=0.2)
-        assert time.monotonic() - started < 5
-    with FileLog(log_dir, lock_timeout=0.2) as log:
-        assert read_all(log) == records(0, 1)
-
-
-def test_a_second_writer_in_another_process_is_refused(log_dir: Path, tmp_path: Path) -> None:
-    ready = tmp_path / "ready"
-    holder = textwrap.dedent(
-        f"""
-        import pathlib, time
-        from tracker.logs.file import FileLog
-        log = FileLog(pathlib.Path({str(log_dir)!r}))
-        pathlib.Path({str(ready)!r}).write_text("ok")
-        time.sleep(60)
-        """
-    )
-    process = subprocess.Popen([sys.executable, "-c", holder], start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert process.poll() is None, "the lock holder exited early"
-            assert time.monotonic() < deadline, "the lock holder did not start"
-            time.sleep(0.02)
-        with pytest.raises(LogLockedError, match=f"pid {process.pid}") as info:
-            FileLog(log_dir, lock_timeout=0.2)
-        assert info.value.retriable
-    finally:
-        stop_process(process)
-    with FileLog(log_dir, lock_timeout=5) as log:
-        assert log.count(0) == 0
-
-
-def test_the_lock_is_released_on_close(log_dir: Path) -> None:
-    FileLog(log_dir).close()
-    FileLog(log_dir, lock_timeout=0).close()
 
 
 # -- damage: torn tails are repaired, damage in the middle is refused --------------------
@@ -301,7 +255,7 @@ def test_a_truncated_last_frame_is_cut_and_reported(log_dir: Path) -> None:
         assert segment.stat().st_size == last
         assert read_all(log) == records(0, 6)
         assert log.end(0) == Position(0, 1, 2)
-        assert log.append(0, records(100, 2)) == [Batch(0, 2, 0, records(100, 2))]
+        assert log.append(0, records(100, 2)).batches == [Batch(0, 2, 0, records(100, 2))]
     with FileLog(log_dir) as log:
         assert log.repaired is None
         assert read_all(log) == [*records(0, 6), *records(100, 2)]

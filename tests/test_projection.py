@@ -37,6 +37,8 @@ from tracker.model import MAX_OFFSET
 from tracker.projector import Projector
 from tracker.snapshots import (
     CHUNK_SESSIONS,
+    MERGE_LUA,
+    MERGE_SHA,
     SnapshotStore,
     _encode_strings,
     _wire,
@@ -179,8 +181,7 @@ def test_projecting_appended_events_without_reading_them_back(
         rival = Projector(log, store, batch_records=3, chunk_sessions=2)
         appended: list[AnyEvent] = []
         for part in appends:
-            before = log.end(0)
-            batches = log.append(0, encode_validated(part))
+            appended_now = log.append(0, encode_validated(part))
             appended.extend(part)
             action = data.draw(st.sampled_from(["apply", "skip", "rival first"]), label="action")
             if action == "rival first":
@@ -188,7 +189,7 @@ def test_projecting_appended_events_without_reading_them_back(
             if action != "skip":
                 folder = BatchFolder()
                 folder.add(part)
-                projector.apply_appended(0, before, folder, batches[-1].last)
+                projector.apply_appended(appended_now, folder)
                 assert redis_state(store) == expected_state(appended)
         projector.catch_up()
         assert_projection(store, log, events)
@@ -434,7 +435,10 @@ class CrashingStore(SnapshotStore):
                 else partial_checkpoint(after, upto, number - 1, chunk_sessions)
             )
             new = partial_checkpoint(after, upto, number, chunk_sessions)
-            applied, _ = self._merge(keys=key_list, args=[expected, new, _encode_strings(wire)])
+            self.client.script_load(MERGE_LUA)
+            applied, _ = self.client.evalsha(
+                MERGE_SHA, len(key_list), *key_list, expected, new, _encode_strings(wire)
+            )
             assert int(applied)
         self.crashed = True
         raise Crash(f"died after chunk {stop - 1} of {count}")

@@ -9,12 +9,17 @@ from tracker.errors import TrackerError
 def test_public_names_are_pinned() -> None:
     assert sorted(tracker.__all__) == [
         "CheckpointConflictError",
+        "ClosedError",
         "ConfigError",
+        "GenerationRetiredError",
         "InvalidInputError",
         "LogCorruptError",
         "LogError",
         "LogLockedError",
+        "LogNotFoundError",
+        "NotYetVisibleError",
         "Position",
+        "Reader",
         "SessionDTO",
         "SessionExistsError",
         "SessionNotFoundError",
@@ -32,4 +37,10 @@ def test_every_error_is_a_tracker_error() -> None:
     errors = [getattr(tracker, name) for name in tracker.__all__ if name.endswith("Error")]
     assert all(issubclass(error, TrackerError) for error in errors)
     retriable = {error.__name__ for error in errors if error.retriable}
-    assert retriable == {"LogLockedError", "SnapshotUnavailableError", "CheckpointConflictError"}
+    assert retriable == {
+        "LogLockedError",
+        "SnapshotUnavailableError",
+        "CheckpointConflictError",
+        "GenerationRetiredError",
+        "NotYetVisibleError",
+    }

@@ -17,6 +17,7 @@ from tests.conftest import PrivateRedis
 from tests.services import free_port, pid_alive
 from tracker import (
     InvalidInputError,
+    NotYetVisibleError,
     Position,
     SessionDTO,
     SessionExistsError,
@@ -402,7 +403,6 @@ def test_replay_after_flushall_restores_the_state(
         before = snapshot(tracker, ids)
         assert before[0], "some sessions to compare"
         flushall(private_redis)
-        assert tracker.list_sessions() == []
         report = tracker.replay()
         assert report.events == tracker.event_count()
         assert report.sessions == 4, "a, b, the tombstone of c and early"
@@ -412,8 +412,30 @@ def test_replay_after_flushall_restores_the_state(
         tracker.replay()
         assert snapshot(tracker, ids) == before
         with private_redis.client() as client:
-            generations = {key.split(":")[1] for key in client.scan_iter("trk:g*")}
-        assert len(generations) == 1, f"old generations are dropped: {generations}"
+            data = {key.split(":")[1] for key in client.scan_iter("trk:g*") if ":cp" not in key}
+            retired = {
+                key: client.get(key)
+                for key in client.scan_iter("trk:g*:cp")
+                if key.split(":")[1] not in data
+            }
+        assert len(data) == 1, f"old generations are dropped: {data}"
+        assert retired, "the old generations' checkpoints are kept"
+        assert set(retired.values()) == {"retired"}, "and poisoned"
+
+
+def test_a_long_lived_tracker_notices_that_redis_was_flushed(
+    private_settings: Settings, private_redis: PrivateRedis
+) -> None:
+    """No restart: the next read that misses finds the projection gone and rebuilds it."""
+    with Tracker.open(settings=private_settings) as tracker:
+        ids = populate(tracker)
+        before = snapshot(tracker, ids)
+        flushall(private_redis)
+        session = tracker.get_session("sess-a")
+        assert session is not None, "the first read after the flush already finds it"
+        assert session.title == "renamed"
+        assert snapshot(tracker, ids) == before
+        assert tracker.verify().differences == []
 
 
 def test_verify_names_damaged_sessions(tracker: Tracker, redis_client: redis.Redis) -> None:
@@ -502,14 +524,19 @@ def test_redis_lost_and_restarted_empty_is_rebuilt_from_the_log(
         before_pid = private_redis.pid
         private_redis.kill()
         count = tracker.event_count()
-        # appended, then the projection fails: the log keeps the commit
-        with pytest.raises(SnapshotUnavailableError):
+        # appended, then the projection fails: the log keeps the commit, the error says so
+        with pytest.raises(NotYetVisibleError, match="durable") as info:
             tracker.commit_many([("sess-a", "client", 50)])
+        assert info.value.retriable
+        assert info.value.positions == [list(tracker.export_events())[-1].position]
+        assert isinstance(info.value.__cause__, SnapshotUnavailableError)
         assert tracker.event_count() == count + 1
         private_redis.restart()
         assert private_redis.pid != before_pid
         assert not pid_alive(before_pid)
-        assert tracker.list_sessions() == [], "the restarted Redis is empty"
+        # the same long-lived tracker notices the empty Redis and rebuilds it
+        assert tracker.offsets("sess-a") == {"client": 50, "notifier": 2}
+        assert [s.id for s in tracker.list_sessions()] == [s.id for s in before[0]]
     with Tracker.open(settings=private_settings) as tracker:
         assert tracker.offsets("sess-a") == {"client": 50, "notifier": 2}
         after = snapshot(tracker, ids)
@@ -589,10 +616,12 @@ def test_a_prefix_holding_another_logs_projection_is_refused_until_replay(
             lambda: other.create_session("a", "u"),
             other.verify,
         ):
-            with pytest.raises(SnapshotStoreError, match="replay"):
+            with pytest.raises(SnapshotStoreError, match="another --prefix"):
                 call()
         assert other.event_count() == 0, "nothing was appended"
-        report = other.replay()
+        with pytest.raises(SnapshotStoreError, match="--force"):
+            other.replay()
+        report = other.replay(force=True)
         assert report.events == 0
         assert other.list_sessions() == []
         create(other, "fresh")

@@ -2,11 +2,15 @@
 
 from tracker.errors import (
     CheckpointConflictError,
+    ClosedError,
     ConfigError,
+    GenerationRetiredError,
     InvalidInputError,
     LogCorruptError,
     LogError,
     LogLockedError,
+    LogNotFoundError,
+    NotYetVisibleError,
     SessionExistsError,
     SessionNotFoundError,
     SnapshotStoreError,
@@ -15,17 +19,23 @@ from tracker.errors import (
 )
 from tracker.events import Position
 from tracker.model import SessionDTO
+from tracker.reader import Reader
 from tracker.service import Tracker
 from tracker.settings import Settings
 
 __all__ = [
     "CheckpointConflictError",
+    "ClosedError",
     "ConfigError",
+    "GenerationRetiredError",
     "InvalidInputError",
     "LogCorruptError",
     "LogError",
     "LogLockedError",
+    "LogNotFoundError",
+    "NotYetVisibleError",
     "Position",
+    "Reader",
     "SessionDTO",
     "SessionExistsError",
     "SessionNotFoundError",

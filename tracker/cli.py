@@ -29,8 +29,9 @@ from tracker.errors import (
     TrackerError,
 )
 from tracker.events import AnyEvent, decode_event_json_line, encode_event_json
+from tracker.logs import open_log
 from tracker.model import SessionDTO, format_datetime
-from tracker.service import CommitResult, ResetPlan, Tracker
+from tracker.service import CommitResult, ResetPlan, Tracker, export_events
 from tracker.settings import Settings
 
 _json = msgspec.json.Encoder()
@@ -52,13 +53,20 @@ class Cli:
         self.out = Console(highlight=False, soft_wrap=True)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
         self._tracker: Tracker | None = None
+        self._closers: list[Callable[[], None]] = []
 
-    def tracker(self) -> Tracker:
+    def on_close(self, closer: Callable[[], None]) -> None:
+        self._closers.append(closer)
+
+    def tracker(self, *, write: bool = False, catch_up: bool = True) -> Tracker:
+        """The tracker; only commands that ``write`` may start a new log in the data dir."""
         if self._tracker is None:
-            self._tracker = Tracker(self.settings)
+            self._tracker = Tracker(self.settings, create=write, catch_up=catch_up)
         return self._tracker
 
     def close(self) -> None:
+        for closer in self._closers:
+            closer()
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
@@ -221,7 +229,9 @@ def sessions_create(
     cli: Cli, agent_id: str, user_id: str, session_id: str | None, title: str | None, as_json: bool
 ) -> None:
     """Create a session with no offsets."""
-    session = cli.tracker().create_session(agent_id, user_id, session_id=session_id, title=title)
+    session = cli.tracker(write=True).create_session(
+        agent_id, user_id, session_id=session_id, title=title
+    )
     cli.sessions([session], as_json, single=True)
 
 
@@ -265,7 +275,7 @@ def sessions_list(cli: Cli, user_id: str | None, agent_id: str | None, as_json: 
 @pass_cli
 def sessions_rename(cli: Cli, session_id: str, title: str, as_json: bool) -> None:
     """Set a session's title."""
-    cli.sessions([cli.tracker().rename(session_id, title)], as_json, single=True)
+    cli.sessions([cli.tracker(write=True).rename(session_id, title)], as_json, single=True)
 
 
 @sessions.command("delete")
@@ -273,7 +283,7 @@ def sessions_rename(cli: Cli, session_id: str, title: str, as_json: bool) -> Non
 @pass_cli
 def sessions_delete(cli: Cli, session_id: str) -> None:
     """Delete a session; later events for it change nothing and its id is not reused."""
-    position = cli.tracker().delete_session(session_id)
+    position = cli.tracker(write=True).delete_session(session_id)
     cli.say(f"deleted session {session_id} (position {position.token()})")
 
 
@@ -304,7 +314,7 @@ def offsets_commit(
     Offsets only move forward: a lower OFFSET is recorded but changes nothing, and the
     command says it was stale. Use `offsets reset` to move an offset back.
     """
-    result = cli.tracker().commit(
+    result = cli.tracker(write=True).commit(
         session_id, consumer, parse_offset(offset), strict=not allow_unknown
     )
     if as_json:
@@ -366,7 +376,7 @@ def offsets_reset(
     A dry run by default (as kafka-consumer-groups --reset-offsets): the plan is shown
     and nothing changes unless --execute is given.
     """
-    tracker = cli.tracker()
+    tracker = cli.tracker(write=execute)
     target = parse_offset(to_offset)
     if execute:
         plan = tracker.reset_offset(session_id, consumer, target, reason=reason, actor=actor)
@@ -398,14 +408,12 @@ def events() -> None:
     """Import and export the event log as JSON lines."""
 
 
-def read_events(source: BinaryIO, progress: Callable[[int], None]) -> list[AnyEvent]:
-    """Decode every line first; the first bad line rejects the whole file."""
-    decoded: list[AnyEvent] = []
+def read_events(source: BinaryIO, progress: Callable[[int], None]) -> Iterator[AnyEvent]:
+    """Decode the lines one at a time; a bad line raises, which cancels the whole import."""
     for number, line in enumerate(source, start=1):
         if line.strip():
-            decoded.append(decode_event_json_line(line, number))
+            yield decode_event_json_line(line, number)
         progress(1)
-    return decoded
 
 
 @events.command("import")
@@ -414,12 +422,12 @@ def read_events(source: BinaryIO, progress: Callable[[int], None]) -> list[AnyEv
 def events_import(cli: Cli, source: BinaryIO) -> None:
     """Append the events of SOURCE (a JSON-lines file, or - for stdin) to the log.
 
-    The whole file is validated first: if any line is bad, its number is named and
-    nothing is imported.
+    All or nothing: the file is streamed into one append, and if any line is bad (its
+    number is named), or the import is interrupted, nothing is imported.
     """
-    with cli.progress("validating", None) as advance:
-        decoded = read_events(source, advance)
-    result = cli.tracker().import_events(decoded)
+    tracker = cli.tracker(write=True)
+    with cli.progress("importing", None) as advance:
+        result = tracker.import_events(read_events(source, advance))
     cli.err.print(f"imported {result.count} events", markup=False)
 
 
@@ -428,7 +436,9 @@ def events_import(cli: Cli, source: BinaryIO) -> None:
 def events_export(cli: Cli) -> None:
     """Write every event in log order as JSON lines (the import format), with positions."""
     write = sys.stdout.buffer.write
-    for event in cli.tracker().export_events():
+    event_log = open_log(cli.settings, create=False)
+    cli.on_close(event_log.close)
+    for event in export_events(event_log):
         write(encode_event_json(event) + b"\n")
     sys.stdout.buffer.flush()
 
@@ -437,13 +447,22 @@ def events_export(cli: Cli) -> None:
 
 
 @main.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the projection even if it is another log's (two data dirs, one prefix).",
+)
 @json_option
 @pass_cli
-def replay(cli: Cli, as_json: bool) -> None:
-    """Rebuild the Redis projection from the start of the log (into a new generation)."""
-    tracker = cli.tracker()
+def replay(cli: Cli, force: bool, as_json: bool) -> None:
+    """Rebuild the Redis projection from the start of the log (into a new generation).
+
+    Other processes may keep reading and writing: the new generation is promoted
+    atomically and they rebind by themselves.
+    """
+    tracker = cli.tracker(catch_up=False)
     with cli.progress("replaying", tracker.event_count()) as advance:
-        report = tracker.replay(advance)
+        report = tracker.replay(advance, force=force)
     if as_json:
         cli.json_line(report)
         return
@@ -458,7 +477,7 @@ def replay(cli: Cli, as_json: bool) -> None:
 @pass_cli
 def verify(cli: Cli, as_json: bool) -> None:
     """Fold the log in memory and compare every session with Redis (exit 1 on drift)."""
-    tracker = cli.tracker()
+    tracker = cli.tracker(catch_up=False)
     with cli.progress("verifying", tracker.event_count()) as advance:
         report = tracker.verify(advance)
     if as_json:

@@ -7,19 +7,27 @@
     ├── InvalidInputError            a field, event or file line fails validation
     ├── SessionNotFoundError         no such session (or it was deleted)
     ├── SessionExistsError           an id that is already taken
+    ├── ClosedError                  the tracker was closed; open a new one
     ├── LogError
+    │   ├── LogNotFoundError         no event log where one was expected (a mistyped data dir)
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
-    │   └── LogLockedError           another process is writing to the log
-    └── SnapshotStoreError           Redis refused, or holds another log's projection
-        ├── SnapshotUnavailableError Redis cannot be reached (retriable)
-        └── CheckpointConflictError  another projector moved the checkpoint
+    │   └── LogLockedError           an append waited too long for the log's lock (retriable)
+    ├── SnapshotStoreError           Redis refused, or holds another log's projection
+    │   ├── SnapshotUnavailableError Redis cannot be reached (retriable)
+    │   └── CheckpointConflictError  another projector moved the checkpoint (retriable)
+    │       └── GenerationRetiredError   a replay replaced the generation (retriable)
+    └── NotYetVisibleError           appended (durable), but not projected in time (retriable)
 
-``retriable`` tells a worker whether trying again later can succeed.
+``retriable`` tells a worker whether trying again later can succeed. The CLI maps
+retriable errors to exit code 75 ("unavailable, try again").
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from tracker.events import Position
 
 
 class TrackerError(Exception):
@@ -44,8 +52,16 @@ class SessionExistsError(TrackerError):
     """The session id is taken (ids of deleted sessions are never reused)."""
 
 
+class ClosedError(TrackerError):
+    """The tracker (or one of its parts) was closed; calls after ``close()`` raise this."""
+
+
 class LogError(TrackerError):
     """The event log could not be read or written."""
+
+
+class LogNotFoundError(LogError):
+    """No event log where one was expected; check the data dir."""
 
 
 class LogCorruptError(LogError):
@@ -53,7 +69,7 @@ class LogCorruptError(LogError):
 
 
 class LogLockedError(LogError):
-    """Another process holds the log's writer lock; stop it or wait, then retry."""
+    """An append waited too long for the log's lock (another process is appending)."""
 
     retriable = True
 
@@ -72,3 +88,21 @@ class CheckpointConflictError(SnapshotStoreError):
     """Another projector advanced the partition checkpoint; re-read from the checkpoint."""
 
     retriable = True
+
+
+class GenerationRetiredError(CheckpointConflictError):
+    """A replay replaced the generation this process was bound to; rebind and retry."""
+
+
+class NotYetVisibleError(TrackerError):
+    """Events were appended (they are durable) but not projected before the deadline.
+
+    ``positions`` are the appended events' last positions, one per partition: do not
+    append them again; wait for them (``wait_for``) or read later.
+    """
+
+    retriable = True
+
+    def __init__(self, message: str, positions: list[Position]) -> None:
+        super().__init__(message)
+        self.positions = positions

@@ -4,17 +4,30 @@ Live catch-up and ``replay`` are this same loop; replay only starts it on an emp
 generation. A batch is read in log order, pre-folded into one delta per session, and
 merged in fenced chunks (see ``snapshots.py``). A checkpoint left between two chunks
 of a batch (a crash mid-batch) names the batch, which is re-read and finished.
+
+Any number of projectors may run, in threads or processes: the fence makes each record
+count once. Within a process one lock keeps a process's own threads from racing.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 
-from tracker.errors import CheckpointConflictError, SnapshotStoreError
+from tracker.errors import (
+    CheckpointConflictError,
+    GenerationRetiredError,
+    SnapshotStoreError,
+    TrackerError,
+)
 from tracker.events import AnyEvent, Position, decode_event, decode_event_lean
 from tracker.fold import BatchFolder, Delta, fold_batch
-from tracker.logs import Batch, LogBackend
+from tracker.generations import Generations
+from tracker.logs import Appended, Batch, LogBackend
 from tracker.snapshots import CHUNK_SESSIONS, SnapshotStore, parse_partial
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 
@@ -60,70 +73,106 @@ def read_range(
 
 
 class Projector:
-    """Applies the log to one :class:`SnapshotStore`, exactly once per record."""
+    """Applies the log to a projection, exactly once per record.
+
+    ``target`` is either a fixed :class:`SnapshotStore` (a rebuild's new generation) or
+    the process's :class:`Generations`, whose active store may change under a replay
+    in another process: the projector then rebinds and goes on.
+    """
 
     def __init__(
         self,
         log: LogBackend,
-        store: SnapshotStore,
+        target: SnapshotStore | Generations,
         *,
         batch_records: int = BATCH_RECORDS,
         chunk_sessions: int = CHUNK_SESSIONS,
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self.log = log
+        self.target = target
         self.max_sessions = max_sessions
-        self.store = store
         self.batch_records = batch_records
         self.chunk_sessions = chunk_sessions
+        self._mutex = threading.RLock()
+
+    @property
+    def store(self) -> SnapshotStore:
+        target = self.target
+        return target.store if isinstance(target, Generations) else target
+
+    def _rebind(self, error: GenerationRetiredError) -> None:
+        """Follow a replay (or a lost Redis) to the active generation."""
+        target = self.target
+        if not isinstance(target, Generations):
+            raise error
+        if not target.refresh():
+            target.ensure(self.log.log_id, self.log.partitions)
 
     def catch_up(self, progress: Progress | None = None) -> int:
         """Apply everything up to the end of the log; returns how many records were applied."""
-        return sum(self.catch_up_partition(p, progress) for p in range(self.log.partitions))
+        with self._mutex:
+            if isinstance(self.target, Generations) and not self.target.refresh():
+                self.target.ensure(self.log.log_id, self.log.partitions)
+            return sum(self._catch_up(p, progress) for p in range(self.log.partitions))
 
     def catch_up_partition(self, partition: int, progress: Progress | None = None) -> int:
+        with self._mutex:
+            return self._catch_up(partition, progress)
+
+    def _catch_up(self, partition: int, progress: Progress | None = None) -> int:
         applied = 0
         while True:
-            token = self.store.checkpoint(partition)
-            partial = parse_partial(token)
+            store = self.store
             try:
+                token = store.checkpoint(partition)
+                partial = parse_partial(token)
                 if partial is not None:
-                    applied += self._finish_partial(partition, *partial)
+                    applied += self._finish_partial(store, partition, *partial)
                     continue
                 after = Position.parse(token) if token else None
                 deltas, read, upto = self._fold_from(partition, after, progress)
                 if upto is None:
                     return applied
-                self.store.merge(
+                store.merge(
                     partition,
                     list(deltas.values()),
                     after=token,
                     upto=upto.token(),
                     chunk_sessions=self.chunk_sessions,
                 )
+            except GenerationRetiredError as error:
+                self._rebind(error)
+                continue
             except CheckpointConflictError:
                 continue
             applied += read
 
-    def apply_appended(
-        self, partition: int, before: Position | None, folder: BatchFolder, upto: Position
-    ) -> None:
-        """Project what this process just appended after ``before``, without reading it back.
+    def apply_appended(self, appended: Appended, folder: BatchFolder) -> None:
+        """Project what this process just appended, without reading it back if it can.
 
-        ``folder`` holds the appended events, folded. The same fenced merge as
-        :meth:`catch_up_partition`; if the checkpoint is not at ``before`` (another
-        projector, or an earlier failure), it catches up from the log instead.
+        ``folder`` holds the appended events, folded. When the log says exactly what came
+        before them, one fenced merge applies them; otherwise, or if the checkpoint is not
+        there (another projector, an earlier failure, a replay), it catches up from the log.
         """
-        try:
-            self.store.merge(
-                partition,
-                list(folder.finish().values()),
-                after="" if before is None else before.token(),
-                upto=upto.token(),
-                chunk_sessions=self.chunk_sessions,
-            )
-        except CheckpointConflictError:
-            self.catch_up_partition(partition)
+        if appended.last is None:
+            return
+        with self._mutex:
+            if appended.after_known:
+                try:
+                    self.store.merge(
+                        appended.partition,
+                        list(folder.finish().values()),
+                        after="" if appended.after is None else appended.after.token(),
+                        upto=appended.last.token(),
+                        chunk_sessions=self.chunk_sessions,
+                    )
+                    return
+                except GenerationRetiredError as error:
+                    self._rebind(error)
+                except CheckpointConflictError:
+                    pass
+            self._catch_up(appended.partition)
 
     def _fold_from(
         self, partition: int, after: Position | None, progress: Progress | None
@@ -148,12 +197,76 @@ class Projector:
                 progress(len(events))
         return folder.finish(), read, upto
 
-    def _finish_partial(self, partition: int, after: str, upto: str, chunk: int, size: int) -> int:
+    def _finish_partial(
+        self, store: SnapshotStore, partition: int, after: str, upto: str, chunk: int, size: int
+    ) -> int:
         start = Position.parse(after) if after else None
         batches = read_range(self.log, partition, start, Position.parse(upto))
         events = decode_batches(batches, decode_event_lean)
         deltas = list(fold_batch(events).values())
-        self.store.merge(
+        store.merge(
             partition, deltas, after=after, upto=upto, chunk_sessions=size, first_chunk=chunk + 1
         )
         return len(events)
+
+
+class BackgroundProjector:
+    """A thread that catches the projection up after appends that did not wait for it.
+
+    Appends only signal it; it catches up from the checkpoints, so work that piled up
+    while it was busy is folded into fewer, larger merges. Errors (Redis down) are logged
+    and retried: the log has every event, nothing is lost.
+    """
+
+    def __init__(self, projector: Projector, *, retry_seconds: float = 0.5) -> None:
+        self.projector = projector
+        self.retry_seconds = retry_seconds
+        self.error: TrackerError | None = None
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def notify(self) -> None:
+        with self._idle:
+            self._busy = True
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tracker-projector", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self.projector.catch_up()
+                self.error = None
+            except TrackerError as error:
+                self.error = error
+                log.warning("projecting in the background failed (will retry): %s", error)
+                self._wake.set()
+                self._stopping.wait(self.retry_seconds)
+                continue
+            with self._idle:
+                if not self._wake.is_set():
+                    self._busy = False
+                    self._idle.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything signalled so far was projected; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._busy, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the work in hand (not what was signalled after), then stop the thread."""
+        self._stopping.set()
+        self._wake.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)

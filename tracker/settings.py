@@ -52,6 +52,8 @@ class Settings:
     event_topic: str = "tracker.session-events"
     prefix: str = "trk"
     fsync: bool = True
+    lock_timeout: float = 30.0
+    wait_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):

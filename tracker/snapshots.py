@@ -10,6 +10,8 @@ apply anything twice or out of order.
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,13 +23,22 @@ import msgspec
 import redis
 
 from tracker import keys as fields
-from tracker.errors import CheckpointConflictError, SnapshotStoreError, SnapshotUnavailableError
+from tracker.errors import (
+    CheckpointConflictError,
+    GenerationRetiredError,
+    SnapshotStoreError,
+    SnapshotUnavailableError,
+)
+from tracker.events import Position
 from tracker.fold import NO_OFFSET, Delta, SessionState, tombstone
 from tracker.keys import Keys
 from tracker.model import format_datetime
 
 MERGE_LUA = resources.files("tracker").joinpath("merge.lua").read_text()
+MERGE_SHA = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
 SCHEMA_VERSION = "1"
+RETIRED = "retired"
+"""The checkpoint of a generation that ``replay`` replaced: every fenced merge fails on it."""
 _encode_strings = msgspec.msgpack.Encoder().encode
 CHUNK_SESSIONS = 256
 CHUNKS_PER_ROUND_TRIP = 8
@@ -171,15 +182,28 @@ class SnapshotStore:
         self.client = client
         self.keys = keys
         self.calls = 0
-        self._merge = client.register_script(MERGE_LUA)
         self._sender_pool: ThreadPoolExecutor | None = None
+        self._sender_mutex = threading.Lock()
+        self._script_loaded = False
 
     @redis_boundary("reading a checkpoint")
     def checkpoint(self, partition: int) -> str:
         """The raw checkpoint token ('' when nothing was applied yet)."""
         self.calls += 1
         value = self.client.get(self.keys.checkpoint(partition))
+        if value == RETIRED:
+            raise GenerationRetiredError(
+                f"generation {self.keys.generation} was replaced by a replay; rebind"
+            )
         return str(value) if value else ""
+
+    def applied(self, partition: int) -> Position | None:
+        """The last position applied to this generation (a batch in progress counts as not)."""
+        token = self.checkpoint(partition)
+        partial = parse_partial(token)
+        if partial is not None:
+            token = partial[0]
+        return Position.parse(token) if token else None
 
     def merge(
         self,
@@ -197,6 +221,8 @@ class SnapshotStore:
         the caller re-reads from the checkpoint and tries again.
         """
         cp_key = self.keys.checkpoint(partition)
+        if not self._script_loaded:
+            self._load_script()
         chunks = [
             deltas[i : i + chunk_sessions] for i in range(0, max(len(deltas), 1), chunk_sessions)
         ]
@@ -217,11 +243,15 @@ class SnapshotStore:
             new = (
                 upto if number == last else partial_checkpoint(after, upto, number, chunk_sessions)
             )
-            self._merge(keys=key_list, args=[expected, new, _encode_strings(wire)], client=pipe)
+            pipe.evalsha(MERGE_SHA, len(key_list), *key_list, expected, new, _encode_strings(wire))
         with redis_errors("merging snapshots"):
             results = [result for future in sent for result in future.result()]
             results += self._execute(pipe)
         for applied, current in results:
+            if not int(applied) and current == RETIRED:
+                raise GenerationRetiredError(
+                    f"generation {self.keys.generation} was replaced by a replay; rebind"
+                )
             if not int(applied):
                 raise CheckpointConflictError(
                     f"partition {partition}: checkpoint is {current!r}, expected {after!r}; "
@@ -230,7 +260,25 @@ class SnapshotStore:
 
     def _execute(self, pipe: redis.client.Pipeline) -> list[Any]:
         self.calls += len(pipe)
-        return pipe.execute()
+        try:
+            return pipe.execute()
+        except redis.exceptions.NoScriptError as exc:
+            # a restart or failover emptied the script cache: nothing of this round trip
+            # ran; the caller re-reads the checkpoint and sends it again
+            self._load_script()
+            raise CheckpointConflictError(
+                "Redis lost the merge script; it was loaded again"
+            ) from exc
+
+    @redis_boundary("loading the merge script")
+    def _load_script(self) -> None:
+        """``SCRIPT LOAD`` once, so that merges are plain pipelined ``EVALSHA`` calls.
+
+        redis-py's ``Script`` objects send ``SCRIPT EXISTS`` before every pipeline that
+        uses them: one round trip more per command.
+        """
+        self.client.script_load(MERGE_LUA)
+        self._script_loaded = True
 
     def _sender(self) -> ThreadPoolExecutor:
         """One thread that sends merge round trips in order, while the caller builds the next.
@@ -239,14 +287,16 @@ class SnapshotStore:
         batch costs about the larger of the two, not their sum. Fencing keeps order: a
         round trip whose first chunk finds an unexpected checkpoint fails as a whole.
         """
-        if self._sender_pool is None:
-            self._sender_pool = ThreadPoolExecutor(1, thread_name_prefix="tracker-merge")
-        return self._sender_pool
+        with self._sender_mutex:
+            if self._sender_pool is None:
+                self._sender_pool = ThreadPoolExecutor(1, thread_name_prefix="tracker-merge")
+            return self._sender_pool
 
     def close(self) -> None:
-        if self._sender_pool is not None:
-            self._sender_pool.shutdown()
-            self._sender_pool = None
+        with self._sender_mutex:
+            if self._sender_pool is not None:
+                self._sender_pool.shutdown()
+                self._sender_pool = None
 
     @redis_boundary("reading a session")
     def get(self, partition: int, session_id: str) -> SessionState | None:
@@ -344,20 +394,3 @@ class SnapshotStore:
         if pending:
             removed += int(self.client.unlink(*pending))
         return removed
-
-
-@redis_boundary("dropping old generations")
-def drop_other_generations(client: redis.Redis, prefix: str, keep: int) -> int:
-    """Delete keys of every generation but ``keep`` (old ones, or a crashed rebuild's)."""
-    removed = 0
-    pending: list[str] = []
-    marker = f"{prefix}:g{keep}:"
-    for key in client.scan_iter(match=f"{prefix}:g*", count=READ_CHUNK):
-        if not str(key).startswith(marker):
-            pending.append(key)
-        if len(pending) >= READ_CHUNK:
-            removed += int(client.unlink(*pending))
-            pending = []
-    if pending:
-        removed += int(client.unlink(*pending))
-    return removed

@@ -8,7 +8,7 @@ position scheme. :func:`open_log` picks the backend from the settings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from msgspec import Struct
@@ -43,8 +43,29 @@ class Batch(Struct, frozen=True, gc=False):
         ]
 
 
+class Appended(Struct, frozen=True):
+    """What one append wrote to one partition, all or nothing.
+
+    ``after`` is the record just before the first one appended (``None``: the start of
+    the log) when ``after_known``: the file log knows it exactly, under its lock. A
+    projector may then fence on it; where it is unknown (other producers append between
+    any two calls) the projector reads the log from its checkpoint instead.
+    ``batches`` holds the records as written, except for streamed appends.
+    """
+
+    partition: int
+    count: int
+    last: Position | None
+    after: Position | None = None
+    after_known: bool = False
+    batches: list[Batch] = []
+
+
 class LogBackend(Protocol):
-    """What the tracker needs from a log; ``FileLog`` and (later) ``KafkaLog`` provide it."""
+    """What the tracker needs from a log; ``FileLog`` and (later) ``KafkaLog`` provide it.
+
+    Every method is safe to call from several threads and several processes at once.
+    """
 
     @property
     def log_id(self) -> str:
@@ -54,8 +75,15 @@ class LogBackend(Protocol):
     @property
     def partitions(self) -> int: ...
 
-    def append(self, partition: int, records: Sequence[bytes]) -> list[Batch]:
-        """Durably append records in order; return the batches as written (records included)."""
+    def append(self, partition: int, records: Sequence[bytes]) -> Appended:
+        """Durably append records in order, all or nothing."""
+        ...
+
+    def append_stream(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
+        """Append every record of ``chunks`` as one all-or-nothing append, in bounded memory.
+
+        If the iterator raises (bad input, Ctrl-C) or the write fails, nothing is appended.
+        """
         ...
 
     def read(self, partition: int, after: Position | None, max_records: int) -> list[Batch]:
@@ -73,8 +101,13 @@ class LogBackend(Protocol):
     def close(self) -> None: ...
 
 
-def open_log(settings: Settings) -> LogBackend:
-    """The event log the settings ask for: Kafka when a bootstrap is set, else the file log."""
+def open_log(settings: Settings, *, create: bool = True) -> LogBackend:
+    """The event log the settings ask for: Kafka when a bootstrap is set, else the file log.
+
+    With ``create=False`` a log that does not exist yet is refused
+    (:class:`~tracker.errors.LogNotFoundError`), so a mistyped data dir is not taken for
+    an empty log.
+    """
     if settings.kafka_bootstrap:
         raise ConfigError(
             "TRACKER_KAFKA_BOOTSTRAP: the Kafka event log is not available in this version; "
@@ -82,4 +115,9 @@ def open_log(settings: Settings) -> LogBackend:
         )
     from tracker.logs.file import FileLog
 
-    return FileLog(settings.data_dir / "log", fsync=settings.fsync)
+    return FileLog(
+        settings.data_dir / "log",
+        fsync=settings.fsync,
+        create=create,
+        lock_timeout=settings.lock_timeout,
+    )

@@ -2,53 +2,65 @@
 
 Layout of ``<dir>``::
 
-    LOCK                        flock'd by the one process allowed to write
+    LOCK                        flock'd for the length of one append; holds the pid
     log.json                    {"log_id": ..., "format": 1}
     00000000000000000000.seg    frames; the name is the number of its first frame
 
-A frame is one appended batch: a 24-byte header (magic, CRC32C, payload length, frame
-number, record count) and a msgpack array of the records. The CRC covers the header's
-tail and the payload. One ``fsync`` per append (not per record) makes appends cheap.
-On open, the last segment is checked frame by frame: a torn or corrupt frame at the
-very end (a crash mid-write) is reported and cut off; damage followed by good frames is
-never skipped, it raises :class:`~tracker.errors.LogCorruptError`.
+A frame is a 24-byte header (marker, CRC32C, payload length, frame number, record count)
+and a msgpack array of the records; the CRC covers the header's tail and the payload.
+An append writes one or more frames and one ``fsync``: every frame but the last is marked
+``TRKG`` ("more of this append follows"), the last ``TRKF``. A group counts only once its
+``TRKF`` frame is there, so an append is all or nothing: readers never index an
+incomplete group, and the next writer (or an open that can take the lock) cuts it off
+like a torn frame. Damage followed by good frames is never skipped, it raises
+:class:`~tracker.errors.LogCorruptError`.
+
+Any number of processes and threads may append: the ``flock`` is taken per append, and
+each process refreshes its index of the frames from the file sizes before it reads.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import mmap
 import os
 import struct
+import threading
 import time
 import uuid
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
 from crc32c import crc32c
 
-from tracker.errors import LogCorruptError, LogError, LogLockedError
+from tracker.errors import LogCorruptError, LogError, LogLockedError, LogNotFoundError
 from tracker.events import Position
-from tracker.logs import Batch
+from tracker.logs import Appended, Batch
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"TRKF"
+"""The marker of a frame that ends its append (every frame of a one-frame append)."""
+MORE = b"TRKG"
+"""The marker of a frame that more frames of the same append follow."""
 HEADER = struct.Struct("<4sIIQI")
 SEGMENT_SUFFIX = ".seg"
 FORMAT = 1
+_MARKERS = (MAGIC, MORE)
 
 _encode_records = msgspec.msgpack.Encoder().encode
 _decode_records = msgspec.msgpack.Decoder(list[bytes]).decode
 
 
 class _Segment:
-    """One segment file and the in-memory index of its frames."""
+    """One segment file and the in-memory index of its complete frames."""
 
     __slots__ = ("base", "counts", "path", "positions", "read_fd", "size")
 
@@ -58,6 +70,7 @@ class _Segment:
         self.positions = array("Q")
         self.counts = array("I")
         self.size = 0
+        """Bytes of complete groups: where the next append starts."""
         self.read_fd: int | None = None
 
     @property
@@ -75,36 +88,106 @@ class _Segment:
             self.read_fd = None
 
 
-def _frame(number: int, records: Sequence[bytes]) -> bytes:
+def _frame(number: int, records: Sequence[bytes], marker: bytes = MAGIC) -> bytes:
     payload = _encode_records(records)
-    tail = HEADER.pack(MAGIC, 0, len(payload), number, len(records))[8:]
+    tail = HEADER.pack(marker, 0, len(payload), number, len(records))[8:]
     crc = crc32c(payload, crc32c(tail))
-    return MAGIC + struct.pack("<I", crc) + tail + payload
+    return marker + struct.pack("<I", crc) + tail + payload
 
 
-def _check_frame(data: bytes | mmap.mmap, pos: int, size: int, expected: int) -> str | int:
-    """Return the frame's record count, or a description of what is wrong with it."""
+def _check_frame(
+    data: bytes | mmap.mmap, pos: int, size: int, expected: int, *, crc: bool = True
+) -> str | tuple[bytes, int, int]:
+    """``(marker, record count, frame length)``, or a description of what is wrong."""
     if size - pos < HEADER.size:
         return f"a torn header ({size - pos} of {HEADER.size} bytes)"
-    magic, crc, length, number, count = HEADER.unpack_from(data, pos)
-    if magic != MAGIC:
+    marker, stored, length, number, count = HEADER.unpack_from(data, pos)
+    if marker not in _MARKERS:
         return "a bad frame marker"
     end = pos + HEADER.size + length
     if end > size:
         return f"a torn frame ({size - pos} of {end - pos} bytes)"
-    view = memoryview(data)[pos + 8 : end]
-    try:
-        if crc32c(view) != crc:
-            return "a CRC mismatch"
-    finally:
-        view.release()
+    if crc:
+        view = memoryview(data)[pos + 8 : end]
+        try:
+            if crc32c(view) != stored:
+                return "a CRC mismatch"
+        finally:
+            view.release()
     if number != expected:
         return f"frame number {number} where {expected} was expected"
-    return int(count)
+    return marker, int(count), HEADER.size + length
+
+
+def _good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
+    """Whether a CRC-valid frame starts anywhere after ``start``: damage, not a torn tail."""
+    candidates = sorted(p for m in _MARKERS if (p := data.find(m, start)) != -1)
+    while candidates:
+        pos = candidates[0]
+        if size - pos >= HEADER.size:
+            number = HEADER.unpack_from(data, pos)[3]
+            if not isinstance(_check_frame(data, pos, size, number), str):
+                return True
+        candidates = sorted(p for m in _MARKERS if (p := data.find(m, pos + 1)) != -1)
+    return False
+
+
+class _Scan:
+    """The result of scanning a segment from some byte: complete groups, and what stopped it."""
+
+    __slots__ = ("counts", "end", "positions", "problem", "stopped_at")
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.counts: list[int] = []
+        self.end = 0
+        self.problem: str | None = None
+        self.stopped_at = 0
+
+
+def _scan(path: Path, start: int, number: int, *, crc: bool) -> tuple[_Scan, int]:
+    """Index the complete groups of frames in ``path`` from byte ``start``; and its size."""
+    result = _Scan()
+    result.end = result.stopped_at = start
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size <= start:
+            return result, size
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            size = len(data)
+            pos = start
+            pending: list[tuple[int, int]] = []
+            while pos < size:
+                checked = _check_frame(data, pos, size, number, crc=crc)
+                if isinstance(checked, str):
+                    result.problem = checked
+                    break
+                marker, count, length = checked
+                pending.append((pos, count))
+                pos += length
+                number += 1
+                if marker == MAGIC:
+                    result.positions.extend(p for p, _ in pending)
+                    result.counts.extend(c for _, c in pending)
+                    result.end = pos
+                    pending = []
+            result.stopped_at = pos
+            if result.problem is not None and _good_frame_after(data, pos + 1, size):
+                raise LogCorruptError(
+                    f"{path}: {result.problem} at byte {pos} (frame {number}), "
+                    "followed by more data; the log is damaged in the middle"
+                )
+            if result.problem is None and pending:
+                result.problem = f"an unfinished append of {len(pending)} frames"
+    return result, size
 
 
 class FileLog:
-    """A single-partition log in a directory; see the module docstring for the format."""
+    """A single-partition log in a directory; see the module docstring for the format.
+
+    ``create=False`` refuses a directory that holds no log. A directory this process may
+    not write to (a backup) opens read-only: reads work, appends raise.
+    """
 
     def __init__(
         self,
@@ -113,28 +196,33 @@ class FileLog:
         fsync: bool = True,
         segment_bytes: int = 64 << 20,
         max_frame_records: int = 65_536,
-        lock_timeout: float = 10.0,
+        lock_timeout: float = 30.0,
+        create: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.max_frame_records = max_frame_records
+        self.lock_timeout = lock_timeout
         self.repaired: str | None = None
         self._segments: list[_Segment] = []
         self._bases: list[int] = []
-        self._write_fd: int | None = None
         self._records = 0
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LogError(f"cannot create the log directory {self.directory}: {exc}") from exc
-        self._lock_fd = self._lock(lock_timeout)
-        try:
-            self._log_id = self._load_identity()
-            self._open_segments()
-        except BaseException:
-            self.close()
-            raise
+        self._write_fd: int | None = None
+        self._write_base = -1
+        self._closed = False
+        self._mutex = threading.RLock()
+        identity = self.directory / "log.json"
+        if not identity.exists():
+            if not create:
+                raise LogNotFoundError(
+                    f"no event log in {self.directory}: check --data-dir (TRACKER_DATA_DIR), "
+                    "or write something first"
+                )
+            self._create(identity)
+        self.read_only = not os.access(self.directory, os.W_OK)
+        self._log_id = self._load_identity(identity)
+        self._open_segments()
 
     @property
     def log_id(self) -> str:
@@ -144,40 +232,29 @@ class FileLog:
     def partitions(self) -> int:
         return 1
 
-    def _lock(self, timeout: float) -> int:
-        path = self.directory / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    os.close(fd)
-                    raise LogLockedError(
-                        f"the log {self.directory} is in use by another process (pid {holder}); "
-                        "wait for it to finish or stop it"
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        return fd
+    # -- opening -----------------------------------------------------------------------
 
-    def _load_identity(self) -> str:
-        path = self.directory / "log.json"
-        if path.exists():
+    def _create(self, identity: Path) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = identity.with_name(f"log.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"log_id": uuid.uuid4().hex, "format": FORMAT}))
             try:
-                meta = json.loads(path.read_text())
-                return str(meta["log_id"])
-            except (ValueError, KeyError) as exc:
-                raise LogCorruptError(f"{path} is unreadable ({exc}); restore it") from exc
-        log_id = uuid.uuid4().hex
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"log_id": log_id, "format": FORMAT}))
-        os.replace(tmp, path)
-        return log_id
+                os.link(tmp, identity)  # loses to a racing creator instead of replacing it
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        except OSError as exc:
+            raise LogError(f"cannot create the event log in {self.directory}: {exc}") from exc
+
+    def _load_identity(self, path: Path) -> str:
+        try:
+            return str(json.loads(path.read_text())["log_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LogCorruptError(f"{path} is unreadable ({exc}); restore it") from exc
+        except OSError as exc:
+            raise LogError(f"cannot read {path}: {exc}") from exc
 
     def _open_segments(self) -> None:
         paths = sorted(self.directory.glob("*" + SEGMENT_SUFFIX))
@@ -193,156 +270,256 @@ class FileLog:
                     "(a segment is missing)"
                 )
             segment = _Segment(path, base)
-            self._scan(segment, last=i == len(paths) - 1)
-            self._segments.append(segment)
-            self._bases.append(base)
+            last = i == len(paths) - 1
+            scan = self._index(segment, crc=last)
+            if scan.problem is not None and not last:
+                raise LogCorruptError(
+                    f"{path}: {scan.problem} at byte {scan.stopped_at}, in a sealed segment; "
+                    "the log is damaged in the middle, restore this segment from a backup"
+                )
+            self._add_segment(segment)
             expected = base + segment.frames
         if not self._segments:
-            self._new_segment(0)
-        self._records = sum(sum(s.counts) for s in self._segments)
-        tail = self._segments[-1]
-        self._write_fd = os.open(tail.path, os.O_WRONLY | os.O_APPEND)
-
-    def _scan(self, segment: _Segment, *, last: bool) -> None:
-        """Index a segment's frames; on the last one verify every CRC and repair a torn tail."""
-        size = segment.path.stat().st_size
-        if size == 0:
+            if self.read_only:
+                return
+            with self._locked(timeout=self.lock_timeout):
+                if not self._segments:
+                    self._new_segment(0)
             return
-        with (
-            open(segment.path, "rb") as file,
-            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
-        ):
-            pos, number = 0, segment.base
-            while pos < size:
-                if last:
-                    checked = _check_frame(data, pos, size, number)
-                else:
-                    checked = self._check_header(data, pos, size, number)
-                if isinstance(checked, str):
-                    if not last or self._good_frame_after(data, pos + 1, size):
-                        raise LogCorruptError(
-                            f"{segment.path}: {checked} at byte {pos} (frame {number}), "
-                            "followed by more data; the log is damaged in the middle"
-                        )
+        if not self.read_only:
+            self._repair_if_idle()
+
+    def _add_segment(self, segment: _Segment) -> None:
+        self._segments.append(segment)
+        self._bases.append(segment.base)
+        self._records += sum(segment.counts)
+
+    def _index(self, segment: _Segment, *, crc: bool) -> _Scan:
+        """Extend a segment's index with the complete groups written since it was last seen."""
+        scan, _ = _scan(segment.path, segment.size, segment.base + segment.frames, crc=crc)
+        segment.positions.extend(scan.positions)
+        segment.counts.extend(scan.counts)
+        segment.size = scan.end
+        return scan
+
+    def _repair_if_idle(self) -> None:
+        """Cut a torn tail at open if no append is under way (the lock is free)."""
+        with self._locked(timeout=None) as got:
+            if got:
+                self._refresh(repair=True)
+
+    # -- the lock and the index ---------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, *, timeout: float | None) -> Iterator[bool]:
+        """Hold the cross-process append lock; ``timeout=None`` tries once (yields False)."""
+        if self.read_only:
+            raise LogError(f"the event log in {self.directory} is read-only here")
+        path = self.directory / "LOCK"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + (timeout or 0)
+            delay = 0.0005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                _, _, length, _, _ = HEADER.unpack_from(data, pos)
-                segment.positions.append(pos)
-                segment.counts.append(checked)
-                pos += HEADER.size + length
-                number += 1
-        if pos < size:
-            self.repaired = (
-                f"{segment.path}: cut a torn tail of {size - pos} bytes at byte {pos} "
-                f"(frame {number}); it was never acknowledged"
-            )
-            log.warning("event log repaired: %s", self.repaired)
-            with open(segment.path, "r+b") as repaired:
-                repaired.truncate(pos)
-                os.fsync(repaired.fileno())
-            size = pos
-        segment.size = size
+                except BlockingIOError:
+                    if timeout is None:
+                        yield False
+                        return
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                        raise LogLockedError(
+                            f"the event log in {self.directory} is being appended to by "
+                            f"another process (pid {holder}) for over {timeout:g} s; "
+                            "try again, or stop that process"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+            os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
-    @staticmethod
-    def _check_header(data: mmap.mmap, pos: int, size: int, expected: int) -> str | int:
-        if size - pos < HEADER.size:
-            return "a torn header"
-        magic, _, length, number, count = HEADER.unpack_from(data, pos)
-        if magic != MAGIC or number != expected or pos + HEADER.size + length > size:
-            return "a damaged frame header"
-        return int(count)
+    def _refresh(self, *, repair: bool = False) -> None:
+        """Index what other processes appended; with ``repair`` (lock held) cut a bad tail."""
+        tail = self._segments[-1]
+        while True:
+            before = tail.frames
+            scan = self._index(tail, crc=repair)
+            self._records += sum(tail.counts[before:])
+            follower = self.directory / f"{tail.base + tail.frames:020d}{SEGMENT_SUFFIX}"
+            if not (tail.frames and follower.exists()):
+                break
+            tail = _Segment(follower, tail.base + tail.frames)
+            self._add_segment(tail)
+        if repair:
+            size = tail.path.stat().st_size
+            if size > tail.size:
+                self._cut(tail, scan.problem or "trailing bytes", size)
 
-    @staticmethod
-    def _good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
-        pos = data.find(MAGIC, start)
-        while pos != -1:
-            _, _, _, number, _ = (
-                HEADER.unpack_from(data, pos) if size - pos >= HEADER.size else (0,) * 5
-            )
-            if isinstance(_check_frame(data, pos, size, number), int):
-                return True
-            pos = data.find(MAGIC, pos + 1)
-        return False
+    def _cut(self, tail: _Segment, problem: str, size: int) -> None:
+        self.repaired = (
+            f"{tail.path}: cut {size - tail.size} bytes at byte {tail.size} "
+            f"(frame {tail.base + tail.frames}: {problem}); they were never acknowledged"
+        )
+        log.warning("event log repaired: %s", self.repaired)
+        with open(tail.path, "r+b") as file:
+            file.truncate(tail.size)
+            os.fsync(file.fileno())
 
     def _new_segment(self, base: int) -> None:
         path = self.directory / f"{base:020d}{SEGMENT_SUFFIX}"
-        with open(path, "xb"):
+        try:
+            with open(path, "xb"):
+                pass
+        except FileExistsError:
             pass
         dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._segments.append(_Segment(path, base))
-        self._bases.append(base)
+        self._add_segment(_Segment(path, base))
+
+    # -- appends -------------------------------------------------------------------------
+
+    @contextmanager
+    def appends_held(self) -> Iterator[None]:
+        """No process appends until the block ends (``replay`` promotes a generation in one)."""
+        with self._mutex, self._locked(timeout=self.lock_timeout):
+            yield
+
+    def append(self, partition: int, records: Sequence[bytes]) -> Appended:
+        step = self.max_frame_records
+        chunks = [list(records[i : i + step]) for i in range(0, len(records), step)]
+        appended = self._append(partition, chunks)
+        first = 0 if appended.after is None else appended.after.offset + 1
+        batches = [Batch(0, first + i, 0, chunk) for i, chunk in enumerate(chunks)]
+        return msgspec.structs.replace(appended, batches=batches)
+
+    def append_stream(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
+        return self._append(partition, chunks)
+
+    def _append(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
+        self._check_partition(partition)
+        with self._mutex:
+            self._check_open()
+            with self._locked(timeout=self.lock_timeout):
+                self._refresh(repair=True)
+                if self._segments[-1].size >= self.segment_bytes:
+                    self._new_segment(self._next_frame)
+                tail = self._segments[-1]
+                after = self._end()
+                start_frames, start_size, start_records = tail.frames, tail.size, self._records
+                try:
+                    fd = self._writer(tail)
+                    pending: list[bytes] | None = None
+                    for chunk in self._frames_of(chunks):
+                        if pending is not None:
+                            self._write(fd, tail, pending, MORE)
+                        pending = chunk
+                    if pending is None:
+                        return Appended(partition, 0, after, after, True)
+                    self._write(fd, tail, pending, MAGIC)
+                    if self.fsync:
+                        os.fsync(fd)
+                except BaseException as exc:
+                    self._undo(tail, start_frames, start_size, start_records)
+                    if isinstance(exc, OSError):
+                        raise self._write_error(tail, exc) from exc
+                    raise
+                count = self._records - start_records
+                return Appended(partition, count, self._end(), after, True)
+
+    def _frames_of(self, chunks: Iterable[Sequence[bytes]]) -> Iterator[list[bytes]]:
+        """Re-cut ``chunks`` into frames of at most ``max_frame_records`` records."""
+        step = self.max_frame_records
+        buffer: list[bytes] = []
+        for chunk in chunks:
+            buffer.extend(chunk)
+            while len(buffer) >= step:
+                yield buffer[:step]
+                buffer = buffer[step:]
+        if buffer:
+            yield buffer
+
+    def _writer(self, tail: _Segment) -> int:
+        if self._write_base != tail.base:
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
+            self._write_fd = os.open(tail.path, os.O_WRONLY | os.O_APPEND)
+            self._write_base = tail.base
+        assert self._write_fd is not None
+        return self._write_fd
+
+    def _write(self, fd: int, tail: _Segment, records: list[bytes], marker: bytes) -> None:
+        frame = _frame(tail.base + tail.frames, records, marker)
+        written = os.write(fd, frame)
+        if written != len(frame):
+            raise OSError(errno.EIO, f"short write ({written} of {len(frame)} bytes)")
+        tail.positions.append(tail.size)
+        tail.counts.append(len(records))
+        tail.size += len(frame)
+        self._records += len(records)
+
+    def _undo(self, tail: _Segment, frames: int, size: int, records: int) -> None:
+        """Forget and cut the frames of a failed append: nothing of it stays."""
+        del tail.positions[frames:]
+        del tail.counts[frames:]
+        tail.size, self._records = size, records
+        try:
+            os.truncate(tail.path, size)
+        except OSError as exc:  # the next writer cuts the unfinished group instead
+            log.warning("could not cut a failed append from %s: %s", tail.path, exc)
+
+    def _write_error(self, tail: _Segment, exc: OSError) -> LogError:
+        if exc.errno == errno.ENOSPC:
+            return LogError(f"the disk holding {tail.path} is full; nothing was appended")
+        return LogError(f"cannot append to {tail.path}: {exc}; nothing was appended")
 
     @property
     def _next_frame(self) -> int:
         tail = self._segments[-1]
         return tail.base + tail.frames
 
-    def append(self, partition: int, records: Sequence[bytes]) -> list[Batch]:
-        self._check_partition(partition)
-        if self._write_fd is None:
-            raise LogError(f"the log {self.directory} is closed")
-        batches: list[Batch] = []
-        step = self.max_frame_records
-        for start in range(0, len(records), step):
-            chunk = list(records[start : start + step])
-            if self._segments[-1].size >= self.segment_bytes:
-                self._roll()
-            batches.append(self._write_frame(chunk))
-        if self.fsync and batches:
-            os.fsync(self._write_fd)
-        return batches
-
-    def _write_frame(self, records: list[bytes]) -> Batch:
-        assert self._write_fd is not None
-        tail = self._segments[-1]
-        number = tail.base + tail.frames
-        frame = _frame(number, records)
-        try:
-            written = os.write(self._write_fd, frame)
-            if written != len(frame):
-                raise OSError(f"short write ({written} of {len(frame)} bytes)")
-        except OSError as exc:
-            os.ftruncate(self._write_fd, tail.size)
-            raise LogError(f"cannot append to {tail.path}: {exc}") from exc
-        tail.positions.append(tail.size)
-        tail.counts.append(len(records))
-        tail.size += len(frame)
-        self._records += len(records)
-        return Batch(0, number, 0, records)
-
-    def _roll(self) -> None:
-        assert self._write_fd is not None
-        os.fsync(self._write_fd)
-        os.close(self._write_fd)
-        self._new_segment(self._next_frame)
-        self._write_fd = os.open(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
+    # -- reads ---------------------------------------------------------------------------
 
     def read(self, partition: int, after: Position | None, max_records: int) -> list[Batch]:
         self._check_partition(partition)
         number, index = (0, 0) if after is None else (after.offset, after.index + 1)
-        batches: list[Batch] = []
-        total = 0
-        end = self._next_frame
-        while total < max_records and number < end:
-            segment = self._segments[bisect_right(self._bases, number) - 1]
-            slot = number - segment.base
-            if index >= segment.counts[slot]:
+        with self._mutex:
+            self._check_open()
+            self._refresh_unlocked()
+            end = self._next_frame if self._segments else 0
+            plan: list[tuple[_Segment, int, int, int, int]] = []
+            total = 0
+            while total < max_records and number < end:
+                segment = self._segments[bisect_right(self._bases, number) - 1]
+                slot = number - segment.base
+                if index < segment.counts[slot]:
+                    plan.append((segment, segment.fd(), slot, number, index))
+                    total += segment.counts[slot] - index
                 number, index = number + 1, 0
-                continue
-            records = self._read_frame(segment, slot, number)
-            if index:
-                records = records[index:]
-            batches.append(Batch(0, number, index, records))
-            total += len(records)
-            number, index = number + 1, 0
+        batches = []
+        for segment, fd, slot, frame, first in plan:
+            records = self._read_frame(segment, fd, slot, frame)
+            batches.append(Batch(0, frame, first, records[first:] if first else records))
         return batches
 
-    def _read_frame(self, segment: _Segment, slot: int, number: int) -> list[bytes]:
+    def _refresh_unlocked(self) -> None:
+        if self._segments:
+            self._refresh()
+        elif not self.read_only or any(self.directory.glob("*" + SEGMENT_SUFFIX)):
+            self._open_segments()
+
+    def _read_frame(self, segment: _Segment, fd: int, slot: int, number: int) -> list[bytes]:
         pos = segment.positions[slot]
-        fd = segment.fd()
         header = os.pread(fd, HEADER.size, pos)
         _, crc, length, _, _ = HEADER.unpack(header)
         payload = os.pread(fd, length, pos + HEADER.size)
@@ -355,6 +532,12 @@ class FileLog:
 
     def end(self, partition: int) -> Position | None:
         self._check_partition(partition)
+        with self._mutex:
+            self._check_open()
+            self._refresh_unlocked()
+            return self._end()
+
+    def _end(self) -> Position | None:
         for segment in reversed(self._segments):
             if segment.frames:
                 return Position(0, segment.base + segment.frames - 1, segment.counts[-1] - 1)
@@ -362,32 +545,37 @@ class FileLog:
 
     def count(self, partition: int, after: Position | None = None) -> int:
         self._check_partition(partition)
-        if after is None:
-            return self._records
-        done = 0
-        for segment in self._segments:
-            if after.offset >= segment.base + segment.frames:
-                done += sum(segment.counts)
-            else:
-                slot = after.offset - segment.base
-                done += sum(segment.counts[:slot]) + after.index + 1
-                break
-        return self._records - done
+        with self._mutex:
+            self._check_open()
+            self._refresh_unlocked()
+            if after is None:
+                return self._records
+            done = 0
+            for segment in self._segments:
+                if after.offset >= segment.base + segment.frames:
+                    done += sum(segment.counts)
+                else:
+                    slot = after.offset - segment.base
+                    done += sum(segment.counts[:slot]) + after.index + 1
+                    break
+            return self._records - done
 
     def _check_partition(self, partition: int) -> None:
         if partition != 0:
             raise LogError(f"the file log has one partition (0), not {partition}")
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogError(f"the event log in {self.directory} is closed")
+
     def close(self) -> None:
-        for segment in self._segments:
-            segment.close()
-        if self._write_fd is not None:
-            os.close(self._write_fd)
-            self._write_fd = None
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None  # type: ignore[assignment]
+        with self._mutex:
+            self._closed = True
+            for segment in self._segments:
+                segment.close()
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                self._write_fd = None
 
     def __enter__(self) -> FileLog:
         return self
