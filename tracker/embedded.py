@@ -86,9 +86,15 @@ class EmbeddedRedis:
         if not self._writable():
             self._scratch = Path(tempfile.mkdtemp(prefix="tracker-redis-"))
             if self.directory.is_dir():
-                shutil.copytree(self.directory, self._scratch, dirs_exist_ok=True)
-            for stale in ("USERS", "START", "redis.pid", "redis.sock"):
-                (self._scratch / stale).unlink(missing_ok=True)
+                shutil.copytree(
+                    self.directory,
+                    self._scratch,
+                    dirs_exist_ok=True,
+                    copy_function=shutil.copyfile,
+                    ignore=shutil.ignore_patterns("USERS", "START", "redis.pid", "redis.sock"),
+                )
+                for path in [self._scratch, *self._scratch.rglob("*")]:
+                    path.chmod(0o700 if path.is_dir() else 0o600)
             self.directory = self._scratch
         self.socket = _socket_path(self.directory)
 

@@ -21,7 +21,7 @@ from tracker.generations import Generations
 from tracker.keys import partition_for
 from tracker.logs import LogBackend
 from tracker.projector import Progress, Projector
-from tracker.snapshots import SnapshotStore
+from tracker.snapshots import SnapshotStore, parse_partial
 
 
 class ReplayReport(Struct, frozen=True):
@@ -113,17 +113,32 @@ def verify(
     for _ in range(rounds):
         if not suspects:
             break
-        for partition in range(log.partitions):
-            folder.advance(partition, store.applied(partition))
-        expected = visible(folder.states)
-        ids = [sid for sid, _ in suspects]
-        fresh = store.get_many([(partition_for(sid, log.partitions), sid) for sid in ids])
-        actual = {state.session_id: state for state in fresh if state is not None}
-        suspects = _differing(expected, actual, ids)
+        suspects = _recheck(folder, store, [sid for sid, _ in suspects])
     differences = [Difference(sid, problem) for sid, problem in suspects]
     return VerifyReport(
         folder.events, len(visible(folder.states)), differences, time.perf_counter() - started
     )
+
+
+def _recheck(folder: _LogFolder, store: SnapshotStore, ids: list[str]) -> list[tuple[str, str]]:
+    """Compare ``ids`` again, each partition's snapshots read atomically with its checkpoint."""
+    partitions = folder.log.partitions
+    by_partition: dict[int, list[str]] = {}
+    for sid in ids:
+        by_partition.setdefault(partition_for(sid, partitions), []).append(sid)
+    still: list[tuple[str, str]] = []
+    for partition, sids in by_partition.items():
+        for start in range(0, len(sids), 1000):
+            chunk = sids[start : start + 1000]
+            token, states = store.get_with_checkpoint(partition, chunk)
+            if parse_partial(token) is not None:  # mid-batch: try again next round
+                still.extend((sid, "changing") for sid in chunk)
+                continue
+            folder.advance(partition, Position.parse(token) if token else None)
+            expected = visible({sid: folder.states[sid] for sid in chunk if sid in folder.states})
+            actual = {sid: state for sid, state in zip(chunk, states, strict=True) if state}
+            still.extend(_differing(expected, actual, chunk))
+    return still
 
 
 def _differing(

@@ -320,6 +320,24 @@ class SnapshotStore:
             )
         return states
 
+    @redis_boundary("reading sessions with their checkpoint")
+    def get_with_checkpoint(
+        self, partition: int, session_ids: Sequence[str]
+    ) -> tuple[str, list[SessionState | None]]:
+        """The checkpoint and these sessions of one partition, read atomically (MULTI).
+
+        They share a hash slot, so this works in Redis Cluster too; ``verify`` uses it to
+        compare sessions with the fold at exactly that checkpoint while writers go on.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.checkpoint(partition))
+        for sid in session_ids:
+            pipe.hgetall(self.keys.session(partition, sid))
+        self.calls += 1
+        token, *values = pipe.execute()
+        states = [state_from_hash(sid, v) for sid, v in zip(session_ids, values, strict=True)]
+        return str(token or ""), states
+
     @redis_boundary("checking sessions")
     def not_live(self, items: Sequence[tuple[int, str]]) -> list[str]:
         """The ids among ``(partition, session_id)`` that are unknown, never created or deleted."""
