@@ -138,7 +138,7 @@ def test_writer_processes_racing_on_one_log(tmp_path: Path, redis_url: str, pref
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-        )  # fmt: skip
+        )
         for w in range(3)
     ]
     for racer in racers:
