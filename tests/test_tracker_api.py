@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +18,7 @@ import redis
 from tests.conftest import PrivateRedis
 from tests.services import free_port, pid_alive
 from tracker import (
+    ClosedError,
     InvalidInputError,
     NotYetVisibleError,
     Position,
@@ -685,3 +688,151 @@ def test_a_tracker_survives_a_copy_of_its_data_dir(
     with Tracker.open(settings=moved) as reopened:
         assert snapshot(reopened, ids) == before
         assert reopened.applied_position() == applied
+
+
+# -- threads, waiting, the error contract --------------------------------------------------
+
+
+def test_eight_threads_share_one_tracker(settings: Settings) -> None:
+    with Tracker.open(settings=settings) as tracker:
+        for k in range(4):
+            create(tracker, f"th-{k}")
+        errors: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(60):
+                    if i % 3 == 0:
+                        tracker.commit(f"th-{i % 4}", f"thread-{t}", i)
+                    else:
+                        batch = [(f"th-{k}", f"thread-{t}", i) for k in range(4)]
+                        tracker.commit_many(batch, wait=i % 2 == 0)
+                    if i % 10 == 0:
+                        tracker.list_sessions()
+            except BaseException as error:  # reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        last = list(tracker.export_events())[-1].position
+        assert last is not None
+        tracker.wait_for(last)
+        for k in range(4):
+            assert tracker.offsets(f"th-{k}") == {f"thread-{t}": 59 for t in range(8)}
+    with Tracker.open(settings=settings) as reopened:
+        assert reopened.warnings == [], "the log needed no repair"
+        assert reopened.event_count() == 4 + 8 * (20 + 40 * 4)
+        assert reopened.verify().differences == []
+
+
+def test_commit_many_without_waiting_returns_at_the_log_ack(settings: Settings) -> None:
+    with Tracker.open(settings=settings) as tracker:
+        create(tracker, "nw-1")
+        result = tracker.commit_many([("nw-1", "client", 5)], wait=False)
+        assert result.last is not None and result.count == 1
+        tracker.wait_for(result.last, timeout=10)
+        assert tracker.offsets("nw-1") == {"client": 5}
+        assert tracker.applied_position() == result.last
+
+
+def test_wait_for_a_position_never_appended_times_out_clearly(settings: Settings) -> None:
+    with Tracker.open(settings=settings) as tracker:
+        create(tracker, "wf-1")
+        ahead = Position(0, 10**6, 0)
+        started = time.monotonic()
+        with pytest.raises(NotYetVisibleError, match=r"not applied after 0\.2 s") as info:
+            tracker.wait_for(ahead, timeout=0.2)
+        assert time.monotonic() - started < 5
+        assert info.value.retriable and info.value.positions == [ahead]
+
+
+def test_every_method_of_a_closed_tracker_says_so(settings: Settings) -> None:
+    tracker = Tracker.open(settings=settings)
+    create(tracker, "cl-1")
+    tracker.close()
+    tracker.close()  # closing twice is fine
+    calls: list[Callable[[], object]] = [
+        lambda: tracker.get_session("cl-1"),
+        lambda: tracker.commit("cl-1", "client", 1),
+        lambda: tracker.commit_many([("cl-1", "client", 1)]),
+        tracker.list_sessions,
+        tracker.verify,
+        tracker.replay,
+        lambda: tracker.wait_for(Position(0, 0, 0)),
+    ]
+    for call in calls:
+        with pytest.raises(ClosedError, match="closed") as info:
+            call()
+        assert not info.value.retriable, "a retry loop would never end"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t: t.commit_many(None), "expected an iterable"),
+        (lambda t: t.commit_many(5), "expected an iterable"),
+        (lambda t: t.commit_many([{"session_id": "a"}]), "commit 1"),
+        (lambda t: t.commit_many([(["a"], "client", 1)]), "commit 1: session_id"),
+        (lambda t: t.import_events([{"type": "offset_committed"}]), "event 1: expected an event"),
+        (lambda t: t.import_events(None), "expected an iterable"),
+        (lambda t: t.import_events(5), "expected an iterable"),
+    ],
+)
+def test_wrong_types_from_python_callers_are_invalid_input(
+    tracker: Tracker, call: Callable[[Tracker], object], message: str
+) -> None:
+    count = tracker.event_count()
+    with pytest.raises(InvalidInputError, match=message):
+        call(tracker)
+    assert tracker.event_count() == count
+
+
+def commands_sent(client: redis.Redis, action: Callable[[], object]) -> list[str]:
+    """The commands Redis received from clients during ``action`` (not those run by Lua)."""
+    marker = f"end-{time.monotonic_ns()}"
+    seen: list[str] = []
+    with client.monitor() as monitor:  # type: ignore[no-untyped-call]
+        action()
+        client.echo(marker)
+        for command in monitor.listen():
+            if marker in command["command"]:
+                break
+            name = command["command"].split()[0].upper()
+            if command["client_type"] != "lua" and name not in {"HELLO", "CLIENT"}:
+                seen.append(name)  # the handshake of the test's own connection aside
+    return seen
+
+
+def test_a_single_command_costs_two_redis_round_trips(
+    private_settings: Settings, private_redis: PrivateRedis
+) -> None:
+    """One pipelined read of what the command needs, then one fenced merge: no SCRIPT
+    EXISTS before it, no read after it."""
+    with Tracker.open(settings=private_settings) as tracker, private_redis.client() as client:
+        create(tracker, "rt-0")
+        read, merge = ["HGETALL", "HGET"], ["EVALSHA"]
+        assert commands_sent(client, lambda: create(tracker, "rt-1")) == read + merge
+        assert commands_sent(client, lambda: tracker.commit("rt-1", "client", 3)) == read + merge
+        assert commands_sent(client, lambda: tracker.rename("rt-1", "t")) == read + merge
+        assert commands_sent(client, lambda: tracker.get_session("rt-1")) == read
+
+
+def test_replay_on_a_flushed_redis_does_the_work_once(
+    private_settings: Settings, private_redis: PrivateRedis
+) -> None:
+    with Tracker.open(settings=private_settings) as tracker:
+        populate(tracker)
+    flushall(private_redis)
+    with private_redis.client() as client:
+        client.config_resetstat()
+        with Tracker(private_settings, catch_up=False) as tracker:
+            report = tracker.replay()
+            generation = tracker.generations.store.keys.generation
+        keys = list(client.scan_iter("trk:g*"))
+    assert report.events > 0
+    others = [key for key in keys if not key.startswith(f"trk:g{generation}:")]
+    assert others == [], "opening for a replay projected nothing into another generation"

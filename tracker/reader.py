@@ -67,13 +67,15 @@ class Reader:
         """
         if not isinstance(cast(object, session_id), str):
             checked(session_id, SessionId, "session_id")
-        store = self._store()
-        state = store.get(partition_for(session_id, store.keys.partitions), session_id)
+        for _ in range(3):
+            store = self._store()
+            partition = partition_for(session_id, store.keys.partitions)
+            state, generation = store.get_in_generation(partition, session_id)
+            if generation == str(store.keys.generation):
+                break
+            self._rebound()
         if state is None:
             checked(session_id, SessionId, "session_id")
-            if self._rebound():
-                store = self.generations.store
-                state = store.get(partition_for(session_id, store.keys.partitions), session_id)
         return state
 
     def get_session(self, session_id: str) -> SessionDTO | None:

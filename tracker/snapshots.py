@@ -304,6 +304,22 @@ class SnapshotStore:
         values = self.client.hgetall(self.keys.session(partition, session_id))
         return state_from_hash(session_id, cast(dict[str, str], values))
 
+    @redis_boundary("reading a session")
+    def get_in_generation(
+        self, partition: int, session_id: str
+    ) -> tuple[SessionState | None, str | None]:
+        """A snapshot and, in the same round trip, the active generation in the meta hash.
+
+        A reader bound to a generation that a replay replaced (or that Redis lost) finds
+        out from the same reply, at no extra round trip.
+        """
+        self.calls += 1
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.session(partition, session_id))
+        pipe.hget(Keys.meta(self.keys.prefix), "generation")
+        values, generation = pipe.execute()
+        return state_from_hash(session_id, cast(dict[str, str], values)), generation
+
     @redis_boundary("reading sessions")
     def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:
         """States of many ``(partition, session_id)`` pairs, pipelined."""

@@ -84,7 +84,13 @@ class Writer:
 
     def _prepared(self, events: Iterable[object]) -> Iterator[AnyEvent]:
         now = utcnow()
-        for number, event in enumerate(events, start=1):
+        try:
+            iterator = iter(events)
+        except TypeError:
+            raise InvalidInputError(
+                f"events: expected an iterable of events, got {type(events).__name__}"
+            ) from None
+        for number, event in enumerate(iterator, start=1):
             if not isinstance(event, Event):
                 raise InvalidInputError(
                     f"event {number}: expected an event (SessionCreated, ...), "
