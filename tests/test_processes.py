@@ -155,13 +155,11 @@ def test_writer_processes_racing_on_one_log(tmp_path: Path, redis_url: str, pref
 
 
 READER = """
-    import pathlib, redis
+    import pathlib
     from tracker import Reader
-    from tracker.generations import Generations
     out = pathlib.Path({out!r})
-    client = redis.Redis.from_url({url!r}, decode_responses=True)
-    generations = Generations(client, {prefix!r})
-    reader = Reader(generations)
+    reader = Reader.connect({url!r}, {prefix!r})
+    generations = reader.generations
     reads = misses = 0
     seen = set()
     while not out.with_suffix(".stop").exists():

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
+import redis
+
 from tracker.errors import (
     GenerationRetiredError,
     NotYetVisibleError,
@@ -35,6 +37,22 @@ class Reader:
     ) -> None:
         self.generations = generations
         self.on_lost = on_lost
+
+    @classmethod
+    def connect(cls, redis_url: str, prefix: str = "trk") -> Reader:
+        """A reader of the projection under ``prefix`` in the Redis at ``redis_url``."""
+        client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        return cls(Generations(client, prefix))
+
+    def close(self) -> None:
+        self.generations.close()
+        self.generations.client.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _store(self) -> SnapshotStore:
         if self.generations.meta is None:
