@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tracker.errors import LogCorruptError, LogError
 from tracker.events import Position
 from tracker.logs import Batch
-from tracker.logs.file import HEADER, SEGMENT_SUFFIX, FileLog
+from tracker.logs.file import FileLog
+from tracker.logs.frames import HEADER, SEGMENT_SUFFIX
 
 
 def records(start: int, count: int) -> list[bytes]:

@@ -29,9 +29,10 @@ from tracker.errors import (
     TrackerError,
 )
 from tracker.events import AnyEvent, decode_event_json_line, encode_event_json
-from tracker.logs import open_log
+from tracker.logs import events_of, open_log
 from tracker.model import SessionDTO, format_datetime
-from tracker.service import CommitResult, ResetPlan, Tracker, export_events
+from tracker.results import CommitResult, ResetPlan
+from tracker.service import Tracker
 from tracker.settings import Settings
 
 _json = msgspec.json.Encoder()
@@ -438,7 +439,7 @@ def events_export(cli: Cli) -> None:
     write = sys.stdout.buffer.write
     event_log = open_log(cli.settings, create=False)
     cli.on_close(event_log.close)
-    for event in export_events(event_log):
+    for event in events_of(event_log):
         write(encode_event_json(event) + b"\n")
     sys.stdout.buffer.flush()
 

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
 import redis
-from msgspec import Struct, structs
+from msgspec import structs
 
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
@@ -44,11 +44,12 @@ from tracker.events import (
 )
 from tracker.fold import BatchFolder, SessionState
 from tracker.generations import Generations
-from tracker.logs import Appended, LogBackend, open_log
+from tracker.logs import Appended, LogBackend, events_of, open_log
 from tracker.model import AgentId, ConsumerName, Offset, SessionDTO, SessionId, Title, checked
-from tracker.projector import BackgroundProjector, Progress, Projector, decode_batches
+from tracker.projector import BackgroundProjector, Progress, Projector
 from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
+from tracker.results import AppendResult, CommitResult, ResetPlan
 from tracker.settings import Settings, mask_url
 from tracker.snapshots import SnapshotStore, check_redis
 from tracker.writer import Commit, Writer
@@ -64,49 +65,6 @@ R = TypeVar("R")
 def new_id() -> str:
     """A 10-character id of ``[A-Za-z0-9]``, the shape flux0 generates."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
-
-
-class CommitResult(Struct, frozen=True):
-    """What a single commit did; ``changed`` is false for a stale or repeated offset.
-
-    ``current`` is ``None`` for a deleted session: the commit is recorded, nothing changes.
-    """
-
-    session_id: str
-    consumer: str
-    offset: int
-    previous: int | None
-    current: int | None
-    position: Position
-    deleted: bool = False
-
-    @property
-    def changed(self) -> bool:
-        return self.current == self.offset and self.previous != self.offset
-
-    @property
-    def stale(self) -> bool:
-        return self.previous is not None and self.offset < self.previous
-
-
-class AppendResult(Struct, frozen=True):
-    """How many events a command appended, and the last one's position (read-your-writes)."""
-
-    count: int
-    last: Position | None
-    positions: list[Position] = []
-    """The last position appended to each partition (one for the file log)."""
-
-
-class ResetPlan(Struct, frozen=True):
-    """An offset reset, shown before it is applied (as ``kafka-consumer-groups`` does)."""
-
-    session_id: str
-    consumer: str
-    current: int | None
-    target: int
-    applied: bool = False
-    position: Position | None = None
 
 
 def _open_only(
@@ -543,7 +501,7 @@ class Tracker:
     @_open_only
     def export_events(self) -> Iterator[AnyEvent]:
         """Every event in log order, each with its ``position``."""
-        return export_events(self._log)
+        return events_of(self._log)
 
     @_open_only
     def event_count(self) -> int:
@@ -566,14 +524,3 @@ class Tracker:
     def verify(self, progress: Progress | None = None) -> VerifyReport:
         """Fold the log in memory up to the applied checkpoint; compare every session with Redis."""
         return verify(self._log, self.store, progress)
-
-
-def export_events(log: LogBackend) -> Iterator[AnyEvent]:
-    """Every event of ``log`` in log order, each with its ``position``; reads only the log."""
-    for partition in range(log.partitions):
-        after: Position | None = None
-        while batches := log.read(partition, after, 10_000):
-            for batch in batches:
-                for position, event in zip(batch.positions(), decode_batches([batch]), strict=True):
-                    yield structs.replace(event, position=position)
-            after = batches[-1].last

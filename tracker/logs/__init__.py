@@ -8,13 +8,13 @@ position scheme. :func:`open_log` picks the backend from the settings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from msgspec import Struct
+from msgspec import Struct, structs
 
 from tracker.errors import ConfigError
-from tracker.events import Position
+from tracker.events import AnyEvent, Position, decode_event
 
 if TYPE_CHECKING:
     from tracker.settings import Settings
@@ -99,6 +99,17 @@ class LogBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def events_of(log: LogBackend) -> Iterator[AnyEvent]:
+    """Every event of ``log`` in log order, each with its ``position``; reads only the log."""
+    for partition in range(log.partitions):
+        after: Position | None = None
+        while batches := log.read(partition, after, 10_000):
+            for batch in batches:
+                for position, record in zip(batch.positions(), batch.records, strict=True):
+                    yield structs.replace(decode_event(record), position=position)
+            after = batches[-1].last
 
 
 def open_log(settings: Settings, *, create: bool = True) -> LogBackend:

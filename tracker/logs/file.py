@@ -25,13 +25,10 @@ import errno
 import fcntl
 import json
 import logging
-import mmap
 import os
-import struct
 import threading
 import time
 import uuid
-from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,143 +40,21 @@ from crc32c import crc32c
 from tracker.errors import LogCorruptError, LogError, LogLockedError, LogNotFoundError
 from tracker.events import Position
 from tracker.logs import Appended, Batch
+from tracker.logs.frames import (
+    HEADER,
+    MAGIC,
+    MORE,
+    SEGMENT_SUFFIX,
+    Scan,
+    Segment,
+    decode_records,
+    encode_frame,
+    scan_segment,
+)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"TRKF"
-"""The marker of a frame that ends its append (every frame of a one-frame append)."""
-MORE = b"TRKG"
-"""The marker of a frame that more frames of the same append follow."""
-HEADER = struct.Struct("<4sIIQI")
-SEGMENT_SUFFIX = ".seg"
 FORMAT = 1
-_MARKERS = (MAGIC, MORE)
-
-_encode_records = msgspec.msgpack.Encoder().encode
-_decode_records = msgspec.msgpack.Decoder(list[bytes]).decode
-
-
-class _Segment:
-    """One segment file and the in-memory index of its complete frames."""
-
-    __slots__ = ("base", "counts", "path", "positions", "read_fd", "size")
-
-    def __init__(self, path: Path, base: int) -> None:
-        self.path = path
-        self.base = base
-        self.positions = array("Q")
-        self.counts = array("I")
-        self.size = 0
-        """Bytes of complete groups: where the next append starts."""
-        self.read_fd: int | None = None
-
-    @property
-    def frames(self) -> int:
-        return len(self.positions)
-
-    def fd(self) -> int:
-        if self.read_fd is None:
-            self.read_fd = os.open(self.path, os.O_RDONLY)
-        return self.read_fd
-
-    def close(self) -> None:
-        if self.read_fd is not None:
-            os.close(self.read_fd)
-            self.read_fd = None
-
-
-def _frame(number: int, records: Sequence[bytes], marker: bytes = MAGIC) -> bytes:
-    payload = _encode_records(records)
-    tail = HEADER.pack(marker, 0, len(payload), number, len(records))[8:]
-    crc = crc32c(payload, crc32c(tail))
-    return marker + struct.pack("<I", crc) + tail + payload
-
-
-def _check_frame(
-    data: bytes | mmap.mmap, pos: int, size: int, expected: int, *, crc: bool = True
-) -> str | tuple[bytes, int, int]:
-    """``(marker, record count, frame length)``, or a description of what is wrong."""
-    if size - pos < HEADER.size:
-        return f"a torn header ({size - pos} of {HEADER.size} bytes)"
-    marker, stored, length, number, count = HEADER.unpack_from(data, pos)
-    if marker not in _MARKERS:
-        return "a bad frame marker"
-    end = pos + HEADER.size + length
-    if end > size:
-        return f"a torn frame ({size - pos} of {end - pos} bytes)"
-    if crc:
-        view = memoryview(data)[pos + 8 : end]
-        try:
-            if crc32c(view) != stored:
-                return "a CRC mismatch"
-        finally:
-            view.release()
-    if number != expected:
-        return f"frame number {number} where {expected} was expected"
-    return marker, int(count), HEADER.size + length
-
-
-def _good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
-    """Whether a CRC-valid frame starts anywhere after ``start``: damage, not a torn tail."""
-    candidates = sorted(p for m in _MARKERS if (p := data.find(m, start)) != -1)
-    while candidates:
-        pos = candidates[0]
-        if size - pos >= HEADER.size:
-            number = HEADER.unpack_from(data, pos)[3]
-            if not isinstance(_check_frame(data, pos, size, number), str):
-                return True
-        candidates = sorted(p for m in _MARKERS if (p := data.find(m, pos + 1)) != -1)
-    return False
-
-
-class _Scan:
-    """The result of scanning a segment from some byte: complete groups, and what stopped it."""
-
-    __slots__ = ("counts", "end", "positions", "problem", "stopped_at")
-
-    def __init__(self) -> None:
-        self.positions: list[int] = []
-        self.counts: list[int] = []
-        self.end = 0
-        self.problem: str | None = None
-        self.stopped_at = 0
-
-
-def _scan(path: Path, start: int, number: int, *, crc: bool) -> tuple[_Scan, int]:
-    """Index the complete groups of frames in ``path`` from byte ``start``; and its size."""
-    result = _Scan()
-    result.end = result.stopped_at = start
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        if size <= start:
-            return result, size
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            size = len(data)
-            pos = start
-            pending: list[tuple[int, int]] = []
-            while pos < size:
-                checked = _check_frame(data, pos, size, number, crc=crc)
-                if isinstance(checked, str):
-                    result.problem = checked
-                    break
-                marker, count, length = checked
-                pending.append((pos, count))
-                pos += length
-                number += 1
-                if marker == MAGIC:
-                    result.positions.extend(p for p, _ in pending)
-                    result.counts.extend(c for _, c in pending)
-                    result.end = pos
-                    pending = []
-            result.stopped_at = pos
-            if result.problem is not None and _good_frame_after(data, pos + 1, size):
-                raise LogCorruptError(
-                    f"{path}: {result.problem} at byte {pos} (frame {number}), "
-                    "followed by more data; the log is damaged in the middle"
-                )
-            if result.problem is None and pending:
-                result.problem = f"an unfinished append of {len(pending)} frames"
-    return result, size
 
 
 class FileLog:
@@ -205,7 +80,7 @@ class FileLog:
         self.max_frame_records = max_frame_records
         self.lock_timeout = lock_timeout
         self.repaired: str | None = None
-        self._segments: list[_Segment] = []
+        self._segments: list[Segment] = []
         self._bases: list[int] = []
         self._records = 0
         self._write_fd: int | None = None
@@ -269,7 +144,7 @@ class FileLog:
                     f"{path}: starts at frame {base} but frame {expected} was expected "
                     "(a segment is missing)"
                 )
-            segment = _Segment(path, base)
+            segment = Segment(path, base)
             last = i == len(paths) - 1
             scan = self._index(segment, crc=last)
             if scan.problem is not None and not last:
@@ -289,14 +164,14 @@ class FileLog:
         if not self.read_only:
             self._repair_if_idle()
 
-    def _add_segment(self, segment: _Segment) -> None:
+    def _add_segment(self, segment: Segment) -> None:
         self._segments.append(segment)
         self._bases.append(segment.base)
         self._records += sum(segment.counts)
 
-    def _index(self, segment: _Segment, *, crc: bool) -> _Scan:
+    def _index(self, segment: Segment, *, crc: bool) -> Scan:
         """Extend a segment's index with the complete groups written since it was last seen."""
-        scan, _ = _scan(segment.path, segment.size, segment.base + segment.frames, crc=crc)
+        scan, _ = scan_segment(segment.path, segment.size, segment.base + segment.frames, crc=crc)
         segment.positions.extend(scan.positions)
         segment.counts.extend(scan.counts)
         segment.size = scan.end
@@ -355,14 +230,14 @@ class FileLog:
             follower = self.directory / f"{tail.base + tail.frames:020d}{SEGMENT_SUFFIX}"
             if not (tail.frames and follower.exists()):
                 break
-            tail = _Segment(follower, tail.base + tail.frames)
+            tail = Segment(follower, tail.base + tail.frames)
             self._add_segment(tail)
         if repair:
             size = tail.path.stat().st_size
             if size > tail.size:
                 self._cut(tail, scan.problem or "trailing bytes", size)
 
-    def _cut(self, tail: _Segment, problem: str, size: int) -> None:
+    def _cut(self, tail: Segment, problem: str, size: int) -> None:
         self.repaired = (
             f"{tail.path}: cut {size - tail.size} bytes at byte {tail.size} "
             f"(frame {tail.base + tail.frames}: {problem}); they were never acknowledged"
@@ -384,7 +259,7 @@ class FileLog:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._add_segment(_Segment(path, base))
+        self._add_segment(Segment(path, base))
 
     # -- appends -------------------------------------------------------------------------
 
@@ -448,7 +323,7 @@ class FileLog:
         if buffer:
             yield buffer
 
-    def _writer(self, tail: _Segment) -> int:
+    def _writer(self, tail: Segment) -> int:
         if self._write_base != tail.base:
             if self._write_fd is not None:
                 os.close(self._write_fd)
@@ -458,8 +333,8 @@ class FileLog:
         assert self._write_fd is not None
         return self._write_fd
 
-    def _write(self, fd: int, tail: _Segment, records: list[bytes], marker: bytes) -> None:
-        frame = _frame(tail.base + tail.frames, records, marker)
+    def _write(self, fd: int, tail: Segment, records: list[bytes], marker: bytes) -> None:
+        frame = encode_frame(tail.base + tail.frames, records, marker)
         written = os.write(fd, frame)
         if written != len(frame):
             raise OSError(errno.EIO, f"short write ({written} of {len(frame)} bytes)")
@@ -468,7 +343,7 @@ class FileLog:
         tail.size += len(frame)
         self._records += len(records)
 
-    def _undo(self, tail: _Segment, frames: int, size: int, records: int) -> None:
+    def _undo(self, tail: Segment, frames: int, size: int, records: int) -> None:
         """Forget and cut the frames of a failed append: nothing of it stays."""
         del tail.positions[frames:]
         del tail.counts[frames:]
@@ -478,7 +353,7 @@ class FileLog:
         except OSError as exc:  # the next writer cuts the unfinished group instead
             log.warning("could not cut a failed append from %s: %s", tail.path, exc)
 
-    def _write_error(self, tail: _Segment, exc: OSError) -> LogError:
+    def _write_error(self, tail: Segment, exc: OSError) -> LogError:
         if exc.errno == errno.ENOSPC:
             return LogError(f"the disk holding {tail.path} is full; nothing was appended")
         return LogError(f"cannot append to {tail.path}: {exc}; nothing was appended")
@@ -497,7 +372,7 @@ class FileLog:
             self._check_open()
             self._refresh_unlocked()
             end = self._next_frame if self._segments else 0
-            plan: list[tuple[_Segment, int, int, int, int]] = []
+            plan: list[tuple[Segment, int, int, int, int]] = []
             total = 0
             while total < max_records and number < end:
                 segment = self._segments[bisect_right(self._bases, number) - 1]
@@ -518,7 +393,7 @@ class FileLog:
         elif not self.read_only or any(self.directory.glob("*" + SEGMENT_SUFFIX)):
             self._open_segments()
 
-    def _read_frame(self, segment: _Segment, fd: int, slot: int, number: int) -> list[bytes]:
+    def _read_frame(self, segment: Segment, fd: int, slot: int, number: int) -> list[bytes]:
         pos = segment.positions[slot]
         header = os.pread(fd, HEADER.size, pos)
         _, crc, length, _, _ = HEADER.unpack(header)
@@ -528,7 +403,7 @@ class FileLog:
                 f"{segment.path}: frame {number} at byte {pos} fails its CRC check; "
                 "the log is damaged, restore this segment from a backup"
             )
-        return _decode_records(payload)
+        return decode_records(payload)
 
     def end(self, partition: int) -> Position | None:
         self._check_partition(partition)

@@ -1,0 +1,156 @@
+"""The file log's on-disk frames: encoding, checking, and scanning a segment for them.
+
+A frame is a 24-byte header (marker, CRC32C, payload length, frame number, record count)
+and a msgpack array of the records; the CRC covers the header's tail and the payload.
+``TRKF`` ends an append, ``TRKG`` says more frames of the same append follow: a scan
+indexes only complete groups, so an append that was cut short is never read.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+from crc32c import crc32c
+
+from tracker.errors import LogCorruptError
+
+MAGIC = b"TRKF"
+"""The marker of a frame that ends its append (every frame of a one-frame append)."""
+MORE = b"TRKG"
+"""The marker of a frame that more frames of the same append follow."""
+HEADER = struct.Struct("<4sIIQI")
+SEGMENT_SUFFIX = ".seg"
+
+_MARKERS = (MAGIC, MORE)
+
+encode_records = msgspec.msgpack.Encoder().encode
+decode_records = msgspec.msgpack.Decoder(list[bytes]).decode
+
+
+class Segment:
+    """One segment file and the in-memory index of its complete frames."""
+
+    __slots__ = ("base", "counts", "path", "positions", "read_fd", "size")
+
+    def __init__(self, path: Path, base: int) -> None:
+        self.path = path
+        self.base = base
+        self.positions = array("Q")
+        self.counts = array("I")
+        self.size = 0
+        """Bytes of complete groups: where the next append starts."""
+        self.read_fd: int | None = None
+
+    @property
+    def frames(self) -> int:
+        return len(self.positions)
+
+    def fd(self) -> int:
+        if self.read_fd is None:
+            self.read_fd = os.open(self.path, os.O_RDONLY)
+        return self.read_fd
+
+    def close(self) -> None:
+        if self.read_fd is not None:
+            os.close(self.read_fd)
+            self.read_fd = None
+
+
+def encode_frame(number: int, records: Sequence[bytes], marker: bytes = MAGIC) -> bytes:
+    payload = encode_records(records)
+    tail = HEADER.pack(marker, 0, len(payload), number, len(records))[8:]
+    crc = crc32c(payload, crc32c(tail))
+    return marker + struct.pack("<I", crc) + tail + payload
+
+
+def check_frame(
+    data: bytes | mmap.mmap, pos: int, size: int, expected: int, *, crc: bool = True
+) -> str | tuple[bytes, int, int]:
+    """``(marker, record count, frame length)``, or a description of what is wrong."""
+    if size - pos < HEADER.size:
+        return f"a torn header ({size - pos} of {HEADER.size} bytes)"
+    marker, stored, length, number, count = HEADER.unpack_from(data, pos)
+    if marker not in _MARKERS:
+        return "a bad frame marker"
+    end = pos + HEADER.size + length
+    if end > size:
+        return f"a torn frame ({size - pos} of {end - pos} bytes)"
+    if crc:
+        view = memoryview(data)[pos + 8 : end]
+        try:
+            if crc32c(view) != stored:
+                return "a CRC mismatch"
+        finally:
+            view.release()
+    if number != expected:
+        return f"frame number {number} where {expected} was expected"
+    return marker, int(count), HEADER.size + length
+
+
+def good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
+    """Whether a CRC-valid frame starts anywhere after ``start``: damage, not a torn tail."""
+    candidates = sorted(p for m in _MARKERS if (p := data.find(m, start)) != -1)
+    while candidates:
+        pos = candidates[0]
+        if size - pos >= HEADER.size:
+            number = HEADER.unpack_from(data, pos)[3]
+            if not isinstance(check_frame(data, pos, size, number), str):
+                return True
+        candidates = sorted(p for m in _MARKERS if (p := data.find(m, pos + 1)) != -1)
+    return False
+
+
+class Scan:
+    """The result of scanning a segment from some byte: complete groups, and what stopped it."""
+
+    __slots__ = ("counts", "end", "positions", "problem", "stopped_at")
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.counts: list[int] = []
+        self.end = 0
+        self.problem: str | None = None
+        self.stopped_at = 0
+
+
+def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Scan, int]:
+    """Index the complete groups of frames in ``path`` from byte ``start``; and its size."""
+    result = Scan()
+    result.end = result.stopped_at = start
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size <= start:
+            return result, size
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            size = len(data)
+            pos = start
+            pending: list[tuple[int, int]] = []
+            while pos < size:
+                checked = check_frame(data, pos, size, number, crc=crc)
+                if isinstance(checked, str):
+                    result.problem = checked
+                    break
+                marker, count, length = checked
+                pending.append((pos, count))
+                pos += length
+                number += 1
+                if marker == MAGIC:
+                    result.positions.extend(p for p, _ in pending)
+                    result.counts.extend(c for _, c in pending)
+                    result.end = pos
+                    pending = []
+            result.stopped_at = pos
+            if result.problem is not None and good_frame_after(data, pos + 1, size):
+                raise LogCorruptError(
+                    f"{path}: {result.problem} at byte {pos} (frame {number}), "
+                    "followed by more data; the log is damaged in the middle"
+                )
+            if result.problem is None and pending:
+                result.problem = f"an unfinished append of {len(pending)} frames"
+    return result, size
