@@ -22,6 +22,7 @@ from tracker import (
     InvalidInputError,
     NotYetVisibleError,
     Position,
+    Reader,
     SessionDTO,
     SessionExistsError,
     SessionNotFoundError,
@@ -737,6 +738,16 @@ def test_commit_many_without_waiting_returns_at_the_log_ack(settings: Settings) 
         tracker.wait_for(result.last, timeout=10)
         assert tracker.offsets("nw-1") == {"client": 5}
         assert tracker.applied_position() == result.last
+
+
+def test_closing_projects_what_was_appended_without_waiting(settings: Settings) -> None:
+    with Tracker.open(settings=settings) as tracker:
+        create(tracker, "nw-2")
+        results = [tracker.commit_many([("nw-2", "client", i)], wait=False) for i in range(1, 200)]
+    assert settings.redis_url is not None
+    with Reader.connect(settings.redis_url, settings.prefix) as reader:
+        assert reader.applied_position() == results[-1].last
+        assert reader.offsets("nw-2") == {"client": 199}
 
 
 def test_wait_for_a_position_never_appended_times_out_clearly(settings: Settings) -> None:

@@ -222,6 +222,7 @@ class BackgroundProjector:
         self.projector = projector
         self.retry_seconds = retry_seconds
         self.error: TrackerError | None = None
+        self.notified = False
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._busy = False
@@ -229,6 +230,7 @@ class BackgroundProjector:
         self._thread: threading.Thread | None = None
 
     def notify(self) -> None:
+        self.notified = True
         with self._idle:
             self._busy = True
             if self._thread is None:

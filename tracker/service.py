@@ -149,6 +149,8 @@ class Tracker:
         self._closed = True
         if self._background is not None:
             self._background.stop()
+            if self._background.notified:
+                self._project_before_closing()
         if self._generations is not None:
             self._generations.close()
         if self._client is not None:
@@ -158,6 +160,13 @@ class Tracker:
             self._embedded.stop()
             self._embedded = None
         self._log.close()
+
+    def _project_before_closing(self) -> None:
+        """Make what was appended without waiting visible before the process goes."""
+        try:
+            self.projector.catch_up()
+        except TrackerError as error:
+            log.warning("closing with events not yet projected (the log has them): %s", error)
 
     # -- wiring ------------------------------------------------------------------------
 
