@@ -26,7 +26,7 @@ from tracker.cli import main
 from tracker.embedded import EmbeddedRedis
 
 SCRIPT = Path(sys.executable).parent / "tracker"
-SCHEMAS = Path("/work/shared/flux0/session-schemas.json")
+SCHEMAS = Path(__file__).parent / "flux0" / "session-schemas.json"
 CREATED_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 GENERATED_ID = re.compile(r"^[A-Za-z0-9]{10}$")
 MAX_OFFSET = 2**63 - 1
