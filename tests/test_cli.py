@@ -674,6 +674,22 @@ def test_import_rejects_whole_file_naming_first_bad_line(
     assert cli.log_files() == before
 
 
+@pytest.mark.parametrize("field", ["created_at", "recorded_at"])
+def test_import_refuses_a_time_without_a_zone(cli: Cli, field: str) -> None:
+    """A naive time once got in and then broke `sessions list` with a TypeError for good."""
+    cli.create("tz-1")
+    before = cli.log_files()
+    fields = {"created_at": "2025-01-25T22:41:41Z", field: "2025-01-25T22:41:41"}
+    good = event_line(type="offset_committed", session_id="tz-1", consumer="client", offset=1)
+    naive = event_line(type="session_created", session_id="tz-2", agent_id="A", user_id="U",
+                       **fields)  # fmt: skip
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n{naive}\n")
+    one_line_error(result, "line 2", field, "timezone")
+    assert cli.log_files() == before
+    assert [s["id"] for s in cli.json_lines("sessions", "list", "--json")] == ["tz-1"]
+    assert "tz-1" in cli.ok("sessions", "list").stdout
+
+
 def test_events_after_delete_do_not_revive_the_session(cli: Cli) -> None:
     cli.create("zombie")
     cli.ok("offsets", "commit", "zombie", "client", "3")

@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from tracker.errors import InvalidInputError
-from tracker.model import AgentId, ConsumerName, Offset, SessionId, Title, UserId
+from tracker.model import AgentId, ConsumerName, Offset, SessionId, Timestamp, Title, UserId
 
 
 class Position(Struct, frozen=True, order=True, omit_defaults=True):
@@ -44,7 +44,7 @@ class Event(Struct, frozen=True, tag_field="type", omit_defaults=True, gc=False)
 
     session_id: SessionId
     event_id: str | None = msgspec.field(default=None)
-    recorded_at: datetime | None = None
+    recorded_at: Timestamp | None = None
     position: Position | None = None
 
 
@@ -53,7 +53,7 @@ class SessionCreated(Event, frozen=True, tag="session_created", kw_only=True):
 
     agent_id: AgentId
     user_id: UserId
-    created_at: datetime
+    created_at: Timestamp
     title: Title | None = None
 
 
@@ -86,15 +86,20 @@ class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
 AnyEvent = SessionCreated | TitleChanged | OffsetCommitted | OffsetReset | SessionDeleted
 
 
-def _without_patterns(kind: Any) -> Any:
-    """``kind`` with every ``Meta(pattern=...)`` removed (lengths and ranges are kept)."""
+def _checked_on_read(meta: object) -> bool:
+    """Whether the log decoders keep a constraint (see :func:`_stored_form`)."""
+    return not (isinstance(meta, Meta) and (meta.pattern or meta.tz))
+
+
+def _relaxed(kind: Any) -> Any:
+    """``kind`` without the constraints the log decoders skip (lengths and ranges are kept)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Annotated:
         base, *metas = args
-        kept = [meta for meta in metas if not (isinstance(meta, Meta) and meta.pattern)]
+        kept = [meta for meta in metas if _checked_on_read(meta)]
         return Annotated[(base, *kept)] if kept else base
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_without_patterns(arg) for arg in args)]  # noqa: UP007
+        return typing.Union[tuple(_relaxed(arg) for arg in args)]  # noqa: UP007
     return kind
 
 
@@ -106,7 +111,9 @@ def _stored_form(cls: type[Event], *, lean: bool) -> type[Event]:
 
     Records in the log were fully validated when they were appended and are checked by
     CRC when read, while regex checks cost 3x the decode itself, so these subclasses
-    skip the charset patterns (lengths and ranges are still checked). A ``lean`` form
+    skip the charset patterns (lengths and ranges are still checked). They also accept
+    times without a zone, which versions before the ``Timestamp`` type appended from
+    ``events import``: old logs must replay forever. A ``lean`` form
     also leaves the envelope undecoded (its fields keep their defaults), for the fold,
     which does not need it. Both are instances of the declared classes, so the fold and
     everything else treat them alike.
@@ -114,7 +121,7 @@ def _stored_form(cls: type[Event], *, lean: bool) -> type[Event]:
     hints = typing.get_type_hints(cls, include_extras=True)
     overrides: list[Any] = []
     for field in msgspec.structs.fields(cls):
-        relaxed = _without_patterns(hints[field.name])
+        relaxed = _relaxed(hints[field.name])
         if lean and field.name in ENVELOPE:
             # renamed to a key the log never holds, so the decoder skips the real one
             overrides.append(
