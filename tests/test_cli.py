@@ -521,6 +521,10 @@ BAD_INPUT: list[tuple[str, list[str], str]] = [
     ("title-201-create", ["sessions", "create", "--agent-id", "A", "--user-id", "U",
                           "--title", "t" * 201], "title"),
     ("title-201-rename", ["sessions", "rename", "s1", "t" * 201], "title"),
+    ("actor-201", ["offsets", "reset", "s1", "client", "--to-offset", "1", "--execute",
+                   "--actor", "a" * 201], "actor"),
+    ("reason-1001", ["offsets", "reset", "s1", "client", "--to-offset", "1", "--execute",
+                     "--reason", "r" * 1001], "reason"),
 ]  # fmt: skip
 
 
@@ -688,6 +692,38 @@ def test_import_refuses_a_time_without_a_zone(cli: Cli, field: str) -> None:
     assert cli.log_files() == before
     assert [s["id"] for s in cli.json_lines("sessions", "list", "--json")] == ["tz-1"]
     assert "tz-1" in cli.ok("sessions", "list").stdout
+
+
+IMPORT_FIELD_ERRORS = [
+    ("unknown-field", {"type": "offset_committed", "session_id": "imp-1", "consumer": "client",
+                       "offset": 2, "ofset": 3}, "ofset: unknown field"),
+    ("unknown-in-position", {"type": "session_deleted", "session_id": "imp-1",
+                             "position": {"partition": 0, "offset": 1, "idx": 0}},
+     "position.idx: unknown field"),
+    ("event-id-10-mb", {"type": "offset_committed", "session_id": "imp-1", "consumer": "client",
+                        "offset": 2, "event_id": "e" * 10**7}, "event_id: "),
+    ("actor-201", {"type": "offset_reset", "session_id": "imp-1", "consumer": "client",
+                   "offset": 0, "actor": "a" * 201}, "actor: "),
+    ("reason-1001", {"type": "offset_reset", "session_id": "imp-1", "consumer": "client",
+                     "offset": 0, "reason": "r" * 1001}, "reason: "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [case[1:] for case in IMPORT_FIELD_ERRORS],
+    ids=[case[0] for case in IMPORT_FIELD_ERRORS],
+)
+def test_import_names_the_line_and_field_of_a_refused_value(
+    cli: Cli, fields: dict[str, Any], message: str
+) -> None:
+    cli.create("imp-1")
+    before = cli.log_files()
+    good = event_line(type="offset_committed", session_id="imp-1", consumer="client", offset=1)
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n{event_line(**fields)}\n")
+    error = one_line_error(result, f"line 2: {message}")
+    assert len(error) < 200, error[:300]
+    assert cli.log_files() == before
 
 
 def test_events_after_delete_do_not_revive_the_session(cli: Cli) -> None:

@@ -26,6 +26,9 @@ ConsumerName = Annotated[
 ]
 Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="inclusive offset, 0 <= n < 2**63")]
 Title = Annotated[str, Meta(max_length=200)]
+EventId = Annotated[str, Meta(max_length=64, description="at most 64 chars (new ids: 32 hex)")]
+Actor = Annotated[str, Meta(max_length=200, description="who reset an offset")]
+Reason = Annotated[str, Meta(max_length=1000, description="why an offset was reset")]
 Timestamp = Annotated[
     datetime, Meta(tz=True, description="ISO 8601 with a time zone, e.g. 2025-01-25T22:41:41Z")
 ]
