@@ -694,6 +694,31 @@ def test_import_refuses_a_time_without_a_zone(cli: Cli, field: str) -> None:
     assert "tz-1" in cli.ok("sessions", "list").stdout
 
 
+def test_import_accepts_a_utf8_bom(cli: Cli, tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a byte order mark; it is not part of line 1."""
+    cli.create("bom-1")
+    lines = [
+        event_line(type="title_changed", session_id="bom-1", title="Café"),
+        event_line(type="offset_committed", session_id="bom-1", consumer="client", offset=4),
+    ]
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    assert "imported 2 events" in cli.ok("events", "import", str(source)).stderr
+    assert cli.ok("events", "import", "-", stdin=source.read_bytes()).stderr.endswith(
+        "imported 2 events\n"
+    )
+    shown = cli.json("sessions", "show", "bom-1")
+    assert (shown["title"], shown["consumption_offsets"]) == ("Café", {"client": 4})
+    assert len(cli.export()) == 5
+
+
+def test_import_refuses_a_bom_after_line_1(cli: Cli) -> None:
+    cli.create("bom-2")
+    good = event_line(type="offset_committed", session_id="bom-2", consumer="client", offset=1)
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n\ufeff{good}\n".encode())
+    one_line_error(result, "line 2", "not valid JSON")
+
+
 IMPORT_FIELD_ERRORS = [
     ("unknown-field", {"type": "offset_committed", "session_id": "imp-1", "consumer": "client",
                        "offset": 2, "ofset": 3}, "ofset: unknown field"),

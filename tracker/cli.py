@@ -6,6 +6,7 @@ line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import codecs
 import getpass
 import logging
 import os
@@ -399,9 +400,13 @@ def events() -> None:
 
 
 def read_events(source: BinaryIO, progress: Callable[[int], None]) -> list[AnyEvent]:
-    """Decode every line first; the first bad line rejects the whole file."""
+    """Decode every line first; the first bad line rejects the whole file.
+
+    A UTF-8 byte order mark opening the file (as some Windows editors write) is skipped.
+    """
     decoded: list[AnyEvent] = []
-    for number, line in enumerate(source, start=1):
+    for number, raw in enumerate(source, start=1):
+        line = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
         if line.strip():
             decoded.append(decode_event_json_line(line, number))
         progress(1)
