@@ -147,12 +147,16 @@ pass_cli = click.make_pass_decorator(Cli)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
-_INTEGER = re.compile(r"^-?[0-9]+$")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def parse_offset(text: str) -> int:
-    """The OFFSET argument as an integer; range checks are the model's."""
-    if not _INTEGER.match(text):
+    """The OFFSET argument as an integer; range checks are the model's.
+
+    Only ASCII digits and a minus sign: no ``+``, spaces, ``_`` or a trailing newline,
+    all of which ``int()`` would accept.
+    """
+    if not _INTEGER.fullmatch(text):
         raise InvalidInputError(f"offset: {text!r} is not an integer")
     return int(text)
 
