@@ -253,6 +253,30 @@ def test_show_as_table(cli: Cli) -> None:
     assert result.stderr == ""
 
 
+MARKUP_TITLES = ["[/]", "[bold]x[/bold]", "[link=http://x]y[/link]", ":thumbs_up: [red]", "a\\[b]"]
+
+
+@pytest.mark.parametrize("title", MARKUP_TITLES)
+def test_user_text_is_printed_literally_not_as_rich_markup(cli: Cli, title: str) -> None:
+    wide = {"COLUMNS": "200"}
+    created = cli.run("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "mk-1",
+                      "--title", title, env=wide)  # fmt: skip
+    assert created.exit_code == 0, describe(created)
+    shown = cli.run("sessions", "show", "mk-1", env=wide)
+    assert shown.exit_code == 0, describe(shown)
+    for output in (created.stdout, shown.stdout):
+        rows = [line.split(None, 1) for line in output.splitlines() if line.strip()]
+        assert ["title", title] in [[cell.strip() for cell in row] for row in rows], output
+    listed = cli.run("sessions", "list", env=wide)
+    assert listed.exit_code == 0, describe(listed)
+    (row,) = [line for line in listed.stdout.splitlines() if "mk-1" in line]
+    assert [cell.strip() for cell in row.split("│")[1:-1]] == ["mk-1", "A", "U",
+        cli.json("sessions", "show", "mk-1")["created_at"], title, ""]  # fmt: skip
+    renamed = cli.run("sessions", "rename", "mk-1", title + "!", env=wide)
+    assert renamed.exit_code == 0, describe(renamed)
+    assert f" {title}! " in renamed.stdout
+
+
 def test_list_filters_and_json_lines(cli: Cli) -> None:
     sessions = {
         "aaaaaaaaa1": (FLUX_AGENT, FLUX_USER),
@@ -822,6 +846,19 @@ def test_verify_finds_drift_and_replay_repairs_it(
     assert repaired.stdout.splitlines() == ["verify: 0 differences"]
     assert cli.json("offsets", "show", "vfy-a") == {"client": 5}
     assert cli.json("offsets", "show", "vfy-b") == {"client": 8}
+
+
+def test_verify_prints_titles_in_differences_literally(
+    cli: Cli, redis_client: redis.Redis, prefix: str
+) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "vfy-t",
+           "--title", ":smile: [/]")  # fmt: skip
+    redis_client.hset(snapshot_key(redis_client, prefix, "vfy-t"), "t", "[bold]x[/bold] :x:")
+    result = cli.fails(1, "verify")
+    assert result.stdout.splitlines() == [
+        "vfy-t: title '[bold]x[/bold] :x:' in Redis, ':smile: [/]' in the log",
+        "verify: 1 differences",
+    ]
 
 
 def test_replay_after_losing_redis_keys(cli: Cli, redis_client: redis.Redis, prefix: str) -> None:

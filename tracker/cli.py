@@ -45,13 +45,18 @@ def exit_code(error: TrackerError) -> int:
     return EXIT_FAILED
 
 
+LITERAL: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False, "soft_wrap": True}
+"""Console settings that print every string as given: titles like ``[/]``, ``[link=...]``
+or ``:smile:`` are user text, not Rich markup, in every table, title and line."""
+
+
 class Cli:
     """State shared by the commands: settings, the lazily opened tracker, the consoles."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Console(**LITERAL)
+        self.err = Console(stderr=True, **LITERAL)
         self._tracker: Tracker | None = None
 
     def tracker(self) -> Tracker:
@@ -69,7 +74,7 @@ class Cli:
         sys.stdout.buffer.flush()
 
     def say(self, text: str) -> None:
-        self.out.print(text, markup=False)
+        self.out.print(text)
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -120,7 +125,7 @@ class Cli:
                 offsets,
             )
         self.out.print(table)
-        self.err.print(f"{len(sessions)} sessions", markup=False)
+        self.err.print(f"{len(sessions)} sessions")
 
     def offsets(self, session_id: str, offsets: dict[str, int], as_json: bool) -> None:
         if as_json:
@@ -429,7 +434,7 @@ def events_import(cli: Cli, source: BinaryIO) -> None:
     with cli.progress("validating", None) as advance:
         decoded = read_events(source, advance)
     result = cli.tracker().import_events(decoded)
-    cli.err.print(f"imported {result.count} events", markup=False)
+    cli.err.print(f"imported {result.count} events")
 
 
 @events.command("export")
