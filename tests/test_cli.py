@@ -474,13 +474,42 @@ def test_reset_is_a_dry_run_unless_executed(cli: Cli) -> None:
     assert cli.json("offsets", "show", "rst-1") == {"client": 5}
 
 
+def table_rows(output: str) -> list[list[str]]:
+    """The header and rows of a Rich table with borders, as lists of stripped cells."""
+    return [
+        [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
+        for line in output.splitlines()
+        if line.startswith(("│", "┃"))
+    ]
+
+
 def test_reset_table_output_when_executed(cli: Cli) -> None:
     cli.create("rst-2")
     cli.ok("offsets", "commit", "rst-2", "indexer", "8")
     result = cli.ok("offsets", "reset", "rst-2", "indexer", "--to-offset", "0", "--execute")
-    assert "reset applied" in result.stdout
+    assert table_rows(result.stdout) == [
+        ["session", "consumer", "previous", "now"],
+        ["rst-2", "indexer", "8", "0"],
+    ]
+    assert result.stdout.splitlines()[-1].startswith("reset applied (position ")
     assert "dry run" not in result.stdout
     assert cli.json("offsets", "show", "rst-2") == {"indexer": 0}
+
+    first = cli.ok("offsets", "reset", "rst-2", "parser", "--to-offset", "5", "--execute")
+    assert table_rows(first.stdout)[1] == ["rst-2", "parser", "-", "5"]
+
+
+def test_reset_dry_run_table_shows_current_and_target(cli: Cli) -> None:
+    cli.create("rst-3")
+    cli.ok("offsets", "commit", "rst-3", "indexer", "8")
+    result = cli.ok("offsets", "reset", "rst-3", "indexer", "--to-offset", "2")
+    assert table_rows(result.stdout) == [
+        ["session", "consumer", "current", "target"],
+        ["rst-3", "indexer", "8", "2"],
+    ]
+    assert result.stdout.splitlines()[-1] == (
+        "dry run: nothing changed; add --execute to apply this plan"
+    )
 
 
 def test_reset_of_unknown_session_exits_1(cli: Cli) -> None:

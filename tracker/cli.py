@@ -386,10 +386,12 @@ def offsets_reset(
 
 
 def render_plan(cli: Cli, plan: ResetPlan, as_json: bool) -> None:
+    """A dry run shows the offset as it is and the target; an applied reset, before and now."""
     if as_json:
         cli.json_line(plan)
         return
-    table = Table("session", "consumer", "current", "target")
+    before, after = ("previous", "now") if plan.applied else ("current", "target")
+    table = Table("session", "consumer", before, after)
     current = "-" if plan.current is None else str(plan.current)
     table.add_row(plan.session_id, plan.consumer, current, str(plan.target))
     cli.out.print(table)
