@@ -151,7 +151,7 @@ HELP = {
     ("sessions", "create"): ["--agent-id", "--user-id", "--id", "--title", "--json"],
     ("sessions", "show"): ["SESSION_ID", "--json"],
     ("sessions", "list"): ["--user-id", "--agent-id", "--json"],
-    ("sessions", "rename"): ["SESSION_ID", "TITLE", "--json"],
+    ("sessions", "rename"): ["SESSION_ID", "[TITLE]", "--clear", "--json"],
     ("sessions", "delete"): ["SESSION_ID"],
     ("offsets",): ["commit", "show", "reset"],
     ("offsets", "commit"): ["SESSION_ID", "CONSUMER", "OFFSET", "--allow-unknown", "--json"],
@@ -316,6 +316,30 @@ def test_rename(cli: Cli) -> None:
     cli.ok("sessions", "rename", "ren-1", "Second")
     assert cli.json("sessions", "show", "ren-1")["title"] == "Second"
     assert cli.export()[-1]["type"] == "title_changed"
+
+
+def test_rename_clear_removes_the_title(cli: Cli) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "clr-1",
+           "--title", "old")  # fmt: skip
+    cleared = cli.json("sessions", "rename", "clr-1", "--clear")
+    assert "title" not in cleared
+    assert cli.json("sessions", "show", "clr-1") == cleared
+    last = cli.export()[-1]
+    assert (last["type"], last["session_id"], "title" in last) == ("title_changed", "clr-1", False)
+    rows = cli.ok("sessions", "show", "clr-1").stdout.splitlines()
+    assert [" ".join(row.split()) for row in rows if row.split()[:1] == ["title"]] == ["title"]
+
+
+@pytest.mark.parametrize("args", [["clr-2"], ["clr-2", "New", "--clear"]], ids=["neither", "both"])
+def test_rename_needs_exactly_one_of_title_and_clear(cli: Cli, args: list[str]) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "clr-2",
+           "--title", "kept")  # fmt: skip
+    before = cli.log_files()
+    result = cli.fails(2, "sessions", "rename", *args)
+    assert "exactly one of TITLE or --clear" in result.stderr
+    assert result.stdout == ""
+    assert cli.log_files() == before
+    assert cli.json("sessions", "show", "clr-2")["title"] == "kept"
 
 
 def test_rename_unknown_session_exits_1(cli: Cli) -> None:

@@ -270,11 +270,16 @@ def sessions_list(cli: Cli, user_id: str | None, agent_id: str | None, as_json: 
 
 @sessions.command("rename")
 @click.argument("session_id")
-@click.argument("title")
+@click.argument("title", required=False)
+@click.option("--clear", is_flag=True, help="Remove the title instead of setting one.")
 @json_option
 @pass_cli
-def sessions_rename(cli: Cli, session_id: str, title: str, as_json: bool) -> None:
-    """Set a session's title."""
+def sessions_rename(
+    cli: Cli, session_id: str, title: str | None, clear: bool, as_json: bool
+) -> None:
+    """Set a session's title to TITLE, or remove it with --clear."""
+    if (title is not None) == clear:
+        raise click.UsageError("give exactly one of TITLE or --clear")
     cli.sessions([cli.tracker().rename(session_id, title)], as_json, single=True)
 
 
