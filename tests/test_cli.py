@@ -177,22 +177,28 @@ def test_help_of_every_command(cli: Cli, command: tuple[str, ...]) -> None:
     assert not cli.data_dir.exists(), "--help must not open the log"
 
 
+USAGE_ERRORS = [
+    (["sessions", "show"], "sessions show", "Missing argument 'SESSION_ID'"),
+    (["sessions", "frobnicate"], "sessions", "No such command 'frobnicate'"),
+    (["offsets", "commit", "s1", "client"], "offsets commit", "Missing argument 'OFFSET'"),
+    (["offsets", "reset", "s1", "client"], "offsets reset", "Missing option '--to-offset'"),
+    (["sessions", "create", "--user-id", "U"], "sessions create", "Missing option '--agent-id'"),
+    (["verify", "--no-such-option"], "verify", "No such option '--no-such-option'"),
+    (["events", "import", "/no/such/file.jsonl"], "events import", "No such file or directory"),
+    (["--bogus"], "", "No such option '--bogus'"),
+]
+
+
 @pytest.mark.parametrize(
-    "args",
-    [
-        ["sessions", "show"],
-        ["sessions", "frobnicate"],
-        ["offsets", "commit", "s1", "client"],
-        ["offsets", "reset", "s1", "client"],
-        ["sessions", "create", "--user-id", "U"],
-        ["verify", "--no-such-option"],
-        ["events", "import", "/no/such/file.jsonl"],
-    ],
-    ids=" ".join,
+    ("args", "command", "message"), USAGE_ERRORS, ids=[" ".join(c[0]) for c in USAGE_ERRORS]
 )
-def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
+def test_usage_errors_exit_2_with_one_line(
+    cli: Cli, args: list[str], command: str, message: str
+) -> None:
     result = cli.fails(2, *args)
-    assert "Error" in result.stderr
+    line = one_line_error(result, message)
+    assert line.startswith("error: "), line
+    assert line.endswith(f" (see 'main{' ' if command else ''}{command} --help')"), line
     assert result.stdout == ""
 
 

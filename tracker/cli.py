@@ -137,12 +137,34 @@ class Cli:
         self.out.print(table)
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (click's own adds the usage and a blank line)."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"error: {self.format_message()}{hint}", file=file, err=True)
+
+
 class TrackerGroup(click.Group):
-    """Maps :class:`TrackerError` to one line on stderr and the documented exit code."""
+    """Maps :class:`TrackerError` and usage errors to one line on stderr and the exit code."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message(), error.ctx) from error
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message(), error.ctx) from error
         except TrackerError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(exit_code(error))
