@@ -946,6 +946,26 @@ def test_demo(cli: Cli) -> None:
     assert not cli.data_dir.exists(), "demo uses a data dir of its own"
 
 
+def test_demo_with_one_session_and_one_commit(cli: Cli) -> None:
+    result = cli.ok("demo", "--sessions", "1", "--commits", "1", "--seed", "0")
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert any(line.startswith("created 1 sessions") for line in lines), lines
+    assert any(line.startswith("committed 1 offsets") for line in lines), lines
+    assert any(line.startswith("replay: 2 events, 1 sessions") for line in lines), lines
+    assert lines[-1] == "verify: 0 differences", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--sessions", "0"), ("--sessions", "-3"), ("--commits", "0"), ("--commits", "-1"),
+     ("--sessions", "many"), ("--seed", "1.5")],
+)  # fmt: skip
+def test_demo_refuses_bad_options(cli: Cli, option: str, value: str) -> None:
+    result = cli.fails(2, "demo", option, value)
+    one_line_error(result, f"Invalid value for '{option}'", value)
+    assert result.stdout == ""
+
+
 # -- environment -----------------------------------------------------------------------
 
 

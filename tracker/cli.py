@@ -515,8 +515,21 @@ def verify(cli: Cli, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--sessions", "session_count", default=3000, show_default=True, help="Sessions.")
-@click.option("--commits", default=300_000, show_default=True, help="Offset commits.")
+@click.option(
+    "--sessions",
+    "session_count",
+    type=click.IntRange(min=1),
+    default=3000,
+    show_default=True,
+    help="Sessions (at least 1).",
+)
+@click.option(
+    "--commits",
+    type=click.IntRange(min=1),
+    default=300_000,
+    show_default=True,
+    help="Offset commits (at least 1).",
+)
 @click.option("--seed", default=7, show_default=True, help="Random seed of the workload.")
 @pass_cli
 def demo(cli: Cli, session_count: int, commits: int, seed: int) -> None:
