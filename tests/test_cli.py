@@ -974,6 +974,7 @@ def test_demo_refuses_bad_options(cli: Cli, option: str, value: str) -> None:
     [
         ("TRACKER_PREFIX", "trk{0}"),
         ("TRACKER_PREFIX", "a}b"),
+        ("TRACKER_PREFIX", "trk\n"),
         ("TRACKER_REDIS_URL", "http://x"),
     ],
 )
@@ -981,6 +982,23 @@ def test_bad_environment_exits_2(cli: Cli, variable: str, value: str) -> None:
     result = cli.run("sessions", "list", env={variable: value})
     assert result.exit_code == 2, describe(result)
     one_line_error(result, variable)
+    assert result.stdout == ""
+    assert not cli.data_dir.exists(), "configuration is checked before any I/O"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "variable"),
+    [
+        ("--prefix", "trk{0}", "TRACKER_PREFIX"),
+        ("--prefix", "trk\n", "TRACKER_PREFIX"),
+        ("--redis-url", "http://x", "TRACKER_REDIS_URL"),
+    ],
+)
+def test_a_bad_flag_is_named_as_typed(cli: Cli, flag: str, value: str, variable: str) -> None:
+    result = cli.run(flag, value, "sessions", "list")
+    assert result.exit_code == 2, describe(result)
+    line = one_line_error(result, f"error: {flag}: ")
+    assert variable not in line
     assert result.stdout == ""
     assert not cli.data_dir.exists(), "configuration is checked before any I/O"
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,7 +32,7 @@ from tracker.errors import (
 from tracker.events import AnyEvent, decode_event_json_line, encode_event_json
 from tracker.model import SessionDTO, format_datetime
 from tracker.service import CommitResult, ResetPlan, Tracker
-from tracker.settings import Settings
+from tracker.settings import ENV, Settings
 
 _json = msgspec.json.Encoder()
 
@@ -188,23 +188,35 @@ def parse_offset(text: str) -> int:
     return int(text)
 
 
+FLAGS = {"data_dir": "--data-dir", "redis_url": "--redis-url", "prefix": "--prefix"}
+"""The settings that have a flag, and the flag's name (errors name it)."""
+
+
+def load_settings(environ: Mapping[str, str], **flags: Any) -> Settings:
+    """The environment's settings with the given flags on top.
+
+    A flag replaces its variable, which is then not read at all: a bad value in the
+    environment does not matter when the flag is given.
+    """
+    replaced = {ENV[name] for name, value in flags.items() if value is not None}
+    env = {name: value for name, value in environ.items() if name not in replaced}
+    return Settings.from_env(env).with_overrides(names=FLAGS, **flags)
+
+
 @click.group(cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    envvar="TRACKER_DATA_DIR",
     help="Where the file log (and the embedded Redis) live.  "
     "[env: TRACKER_DATA_DIR; default: ./.tracker]",
 )
 @click.option(
     "--redis-url",
-    envvar="TRACKER_REDIS_URL",
     help="Redis holding the snapshots, e.g. redis://127.0.0.1:6379/0. "
     "[env: TRACKER_REDIS_URL; default: an embedded redis-server in the data dir]",
 )
 @click.option(
     "--prefix",
-    envvar="TRACKER_PREFIX",
     help="Prefix of every Redis key.  [env: TRACKER_PREFIX; default: trk]",
 )
 @click.version_option(package_name="offset-tracker")
@@ -218,14 +230,8 @@ def main(
     current sessions, rebuilt from the log by `tracker replay`.
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    flags = {
-        "TRACKER_DATA_DIR": data_dir,
-        "TRACKER_REDIS_URL": redis_url,
-        "TRACKER_PREFIX": prefix,
-    }
-    environment = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
     try:
-        settings = Settings.from_env(environment)
+        settings = load_settings(os.environ, data_dir=data_dir, redis_url=redis_url, prefix=prefix)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         ctx.exit(EXIT_USAGE)
