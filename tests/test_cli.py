@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from tracker.cli import main
+from tracker.cli import default_actor, main
 from tracker.embedded import EmbeddedRedis
 
 SCRIPT = Path(sys.executable).parent / "tracker"
@@ -540,6 +541,40 @@ def test_reset_dry_run_table_shows_current_and_target(cli: Cli) -> None:
     assert result.stdout.splitlines()[-1] == (
         "dry run: nothing changed; add --execute to apply this plan"
     )
+
+
+def uid_without_passwd_entry() -> int:
+    """A uid that no passwd entry names, as a container run with a random --user has."""
+    for uid in range(54321, 64000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise AssertionError("every uid tried has a passwd entry")
+
+
+def test_default_actor_never_raises() -> None:
+    uid = uid_without_passwd_entry()
+    assert default_actor({"USER": "alice", "LOGNAME": "bob"}, uid) == "alice"
+    assert default_actor({"LOGNAME": "bob"}, uid) == "bob"
+    assert default_actor({"USER": ""}, uid) == f"uid:{uid}"
+    assert default_actor({}, 0) == pwd.getpwuid(0).pw_name
+
+
+def test_reset_records_the_user_from_the_environment_by_default(cli: Cli) -> None:
+    cli.create("act-1")
+    args = ["offsets", "reset", "act-1", "client", "--to-offset", "0", "--execute"]
+    result = cli.run(*args, env={"USER": "carol", "LOGNAME": "dave"})
+    assert result.exit_code == 0, describe(result)
+    assert cli.export()[-1]["actor"] == "carol"
+    unset = {name: None for name in ("USER", "LOGNAME", "LNAME", "USERNAME")}
+    result = cli.run(*args, env=unset)
+    assert result.exit_code == 0, describe(result)
+    try:
+        expected = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        expected = f"uid:{os.getuid()}"
+    assert cli.export()[-1]["actor"] == expected
 
 
 def test_reset_of_unknown_session_exits_1(cli: Cli) -> None:

@@ -7,9 +7,9 @@ line on stderr, never a traceback.
 from __future__ import annotations
 
 import codecs
-import getpass
 import logging
 import os
+import pwd
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -172,6 +172,24 @@ class TrackerGroup(click.Group):
 
 pass_cli = click.make_pass_decorator(Cli)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def default_actor(env: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """Who runs the command, for ``offsets reset --actor``; never raises.
+
+    ``$USER`` or ``$LOGNAME``, else the passwd name of the uid, else ``uid:<n>``:
+    ``getpass.getuser()`` raises where the uid has no passwd entry, as in a container
+    started with a random ``--user``.
+    """
+    env = os.environ if env is None else env
+    for name in ("USER", "LOGNAME"):
+        if value := env.get(name):
+            return value
+    uid = os.getuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
 
 
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -390,7 +408,9 @@ def offsets_show(cli: Cli, session_id: str, as_json: bool) -> None:
 @click.argument("consumer")
 @click.option("--to-offset", "to_offset", required=True, help="The offset to set, lower ones too.")
 @click.option("--reason", help="Why; recorded in the offset_reset event.")
-@click.option("--actor", default=getpass.getuser, show_default="the current user", help="Who.")
+@click.option(
+    "--actor", default=default_actor, show_default="$USER, $LOGNAME or uid:<n>", help="Who."
+)
 @click.option("--execute", is_flag=True, help="Apply the reset; without it, only show the plan.")
 @json_option
 @pass_cli
