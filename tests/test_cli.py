@@ -23,8 +23,22 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from tracker.cli import default_actor, main
+from tests.services import free_port
+from tracker.cli import EXIT_UNAVAILABLE, default_actor, exit_code, main
 from tracker.embedded import EmbeddedRedis
+from tracker.errors import (
+    CheckpointConflictError,
+    ConfigError,
+    InvalidInputError,
+    LogCorruptError,
+    LogLockedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    SnapshotStoreError,
+    SnapshotUnavailableError,
+    TrackerError,
+)
+from tracker.logs.file import FileLog
 
 SCRIPT = Path(sys.executable).parent / "tracker"
 SCHEMAS = Path(__file__).parent / "flux0" / "session-schemas.json"
@@ -1066,6 +1080,60 @@ def test_valid_flag_wins_over_invalid_environment(
     result = cli.run(flag, good, "verify", env={variable: value})
     assert result.exit_code == 0, describe(result)
     assert result.stdout.splitlines() == ["verify: 0 differences"]
+
+
+# -- exit codes ----------------------------------------------------------------------
+
+EXIT_CODES: list[tuple[TrackerError, int]] = [
+    (InvalidInputError("x"), 2),
+    (ConfigError("x"), 2),
+    (SessionNotFoundError("x"), 1),
+    (SessionExistsError("x"), 1),
+    (LogCorruptError("x"), 1),
+    (SnapshotStoreError("x"), 1),
+    (LogLockedError("x"), 75),
+    (SnapshotUnavailableError("x"), 75),
+    (CheckpointConflictError("x"), 75),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"), EXIT_CODES, ids=[type(error).__name__ for error, _ in EXIT_CODES]
+)
+def test_exit_code_of_each_error(error: TrackerError, code: int) -> None:
+    assert exit_code(error) == code
+    assert (code == EXIT_UNAVAILABLE) == error.retriable
+
+
+def test_help_documents_the_exit_codes(cli: Cli) -> None:
+    text = " ".join(cli.ok("--help").stdout.split())
+    for line in [
+        "0 ok",
+        "1 not found, or a failed check",
+        "2 bad input or usage",
+        "75 unavailable, try again",
+    ]:
+        assert line in text, text
+
+
+@pytest.mark.slow
+def test_a_log_locked_by_another_process_exits_75(cli: Cli) -> None:
+    """The writer lock is held (here by this process, through another descriptor)."""
+    cli.create("lck-1")
+    with FileLog(cli.data_dir / "log", fsync=False):
+        result = cli.fails(75, "offsets", "commit", "lck-1", "client", "1")
+    one_line_error(result, "in use by another process")
+    assert result.stdout == ""
+    assert cli.json("offsets", "show", "lck-1") == {}
+
+
+@pytest.mark.xfail(strict=True, reason="needs service._connect to raise SnapshotUnavailableError")
+def test_an_unreachable_redis_exits_75(cli: Cli) -> None:
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    result = cli.run("--redis-url", closed, "sessions", "list")
+    assert result.exit_code == EXIT_UNAVAILABLE, describe(result)
+    one_line_error(result, "Redis")
+    assert result.stdout == ""
 
 
 def test_two_logs_sharing_a_prefix(cli: Cli, tmp_path: Path, redis_url: str) -> None:

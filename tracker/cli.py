@@ -1,7 +1,15 @@
 """The ``tracker`` command line: click groups for the nouns, one renderer for the output.
 
-Exit codes: 0 ok; 1 not found or a failed check; 2 bad input or usage. Errors are one
-line on stderr, never a traceback.
+Exit codes::
+
+    0   ok
+    1   not found, or a failed check (``verify`` found drift)
+    2   bad input or usage; nothing was written
+    75  unavailable, try again (EX_TEMPFAIL): Redis or the log cannot be reached, the log
+        is locked by another process, or another projector got there first; the error is
+        ``retriable``
+
+Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -36,12 +44,22 @@ from tracker.settings import ENV, Settings
 
 _json = msgspec.json.Encoder()
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75
+
+EPILOG = """\b
+Exit codes:
+  0   ok
+  1   not found, or a failed check (verify found drift)
+  2   bad input or usage; nothing was written
+  75  unavailable, try again: Redis or the log cannot be reached, or the log is locked"""
 
 
 def exit_code(error: TrackerError) -> int:
+    """The documented exit code of an error (see the module docstring)."""
     if isinstance(error, InvalidInputError | ConfigError):
         return EXIT_USAGE
+    if error.retriable:
+        return EXIT_UNAVAILABLE
     return EXIT_FAILED
 
 
@@ -221,7 +239,9 @@ def load_settings(environ: Mapping[str, str], **flags: Any) -> Settings:
     return Settings.from_env(env).with_overrides(names=FLAGS, **flags)
 
 
-@click.group(cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
