@@ -14,15 +14,15 @@ def test_a_server_left_by_a_crashed_process_is_adopted_and_stopped(tmp_path: Pat
     crashed = EmbeddedRedis(data_dir / "redis")
     crashed.start()
     orphan: subprocess.Popen[bytes] | None = crashed._process
-    assert orphan is not None
+    assert orphan is not None and orphan.poll() is None, "the server is running"
     crashed._process = None  # its owner "died" without stopping it
     try:
         with Tracker(Settings(data_dir=data_dir)) as tracker:
-            tracker.create_session("a", "u", session_id="s1")
+            created = tracker.create_session("a", "u", session_id="s1")
         assert orphan.wait(timeout=10) == 0  # shut down cleanly by the adopting tracker
         assert not crashed.socket.exists()
         with Tracker(Settings(data_dir=data_dir)) as tracker:  # state intact
-            assert tracker.get_session("s1") is not None
+            assert tracker.get_session("s1") == created
     finally:
         if orphan.poll() is None:
             orphan.kill()
