@@ -216,6 +216,15 @@ def test_usage_errors_exit_2_with_one_line(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("group", [[], ["sessions"], ["offsets"], ["events"]], ids=repr)
+def test_a_group_without_a_command_shows_its_help(cli: Cli, group: list[str]) -> None:
+    result = cli.run(*group)
+    output = result.stdout + result.stderr
+    assert output.startswith(f"Usage: {' '.join(['main', *group])} [OPTIONS] COMMAND"), output
+    assert "Commands:" in output
+    assert result.exit_code in (0, 2), describe(result)
+
+
 def test_version(cli: Cli) -> None:
     assert "0.1.0" in cli.ok("--version").stdout
 

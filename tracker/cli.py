@@ -155,6 +155,10 @@ class Cli:
         self.out.print(table)
 
 
+_HELP_INSTEAD: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""A group run without a command shows its help (click >= 8.2 raises this for it)."""
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error shown as one line (click's own adds the usage and a blank line)."""
 
@@ -175,12 +179,16 @@ class TrackerGroup(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except _HELP_INSTEAD:
+            raise
         except click.UsageError as error:
             raise OneLineUsageError(error.format_message(), error.ctx) from error
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except _HELP_INSTEAD:
+            raise
         except click.UsageError as error:
             raise OneLineUsageError(error.format_message(), error.ctx) from error
         except TrackerError as error:
