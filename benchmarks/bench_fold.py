@@ -1,4 +1,4 @@
-"""Decode + fold in plain Python against msgspec decode alone (DESIGN.md's reference table).
+"""Decode + fold in plain Python against msgspec decode alone.
 
 Records (the log's msgpack events: creates, then commits of three consumers) are built in
 memory, not timed. Timed, one after the other in each repeat:
@@ -8,7 +8,7 @@ memory, not timed. Timed, one after the other in each repeat:
 * ``decode_fold_batch``: decode + ``fold_batch`` (the projector's path), the headline;
 * ``decode_fold_all``: decode + ``fold_all`` (the pure per-session fold ``verify`` uses).
 
-DESIGN.md's baseline: ~2.2 M events/s decode, ~0.95 M events/s decode + fold.
+Baseline the design started from: ~2.2 M events/s decode, ~0.95 M events/s decode + fold.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ them with the embedded default (no ``TRACKER_REDIS_URL``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -22,11 +24,24 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from tracker.cli import main
+from tests.services import free_port
+from tracker.cli import EXIT_UNAVAILABLE, default_actor, exit_code, main
 from tracker.embedded import EmbeddedRedis
+from tracker.errors import (
+    CheckpointConflictError,
+    ConfigError,
+    InvalidInputError,
+    LogCorruptError,
+    LogLockedError,
+    SessionExistsError,
+    SessionNotFoundError,
+    SnapshotStoreError,
+    SnapshotUnavailableError,
+    TrackerError,
+)
 
 SCRIPT = Path(sys.executable).parent / "tracker"
-SCHEMAS = Path("/work/shared/flux0/session-schemas.json")
+SCHEMAS = Path(__file__).parent / "flux0" / "session-schemas.json"
 CREATED_AT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 GENERATED_ID = re.compile(r"^[A-Za-z0-9]{10}$")
 MAX_OFFSET = 2**63 - 1
@@ -136,7 +151,6 @@ def session_schema() -> dict[str, Any]:
 def assert_flux0_session(value: Any) -> None:
     """Valid against flux0's own SessionDTO schema, with flux0's exact key set."""
     jsonschema.validate(value, session_schema())
-    assert isinstance(value, dict)
     keys = {"id", "agent_id", "user_id", "consumption_offsets", "created_at"}
     assert set(value) in (keys, keys | {"title"}), sorted(value)
     assert value.get("title", "") is not None
@@ -151,7 +165,7 @@ HELP = {
     ("sessions", "create"): ["--agent-id", "--user-id", "--id", "--title", "--json"],
     ("sessions", "show"): ["SESSION_ID", "--json"],
     ("sessions", "list"): ["--user-id", "--agent-id", "--json"],
-    ("sessions", "rename"): ["SESSION_ID", "TITLE", "--json"],
+    ("sessions", "rename"): ["SESSION_ID", "[TITLE]", "--clear", "--json"],
     ("sessions", "delete"): ["SESSION_ID"],
     ("offsets",): ["commit", "show", "reset"],
     ("offsets", "commit"): ["SESSION_ID", "CONSUMER", "OFFSET", "--allow-unknown", "--json"],
@@ -177,23 +191,38 @@ def test_help_of_every_command(cli: Cli, command: tuple[str, ...]) -> None:
     assert not cli.data_dir.exists(), "--help must not open the log"
 
 
+USAGE_ERRORS = [
+    (["sessions", "show"], "sessions show", "Missing argument 'SESSION_ID'"),
+    (["sessions", "frobnicate"], "sessions", "No such command 'frobnicate'"),
+    (["offsets", "commit", "s1", "client"], "offsets commit", "Missing argument 'OFFSET'"),
+    (["offsets", "reset", "s1", "client"], "offsets reset", "Missing option '--to-offset'"),
+    (["sessions", "create", "--user-id", "U"], "sessions create", "Missing option '--agent-id'"),
+    (["verify", "--no-such-option"], "verify", "No such option '--no-such-option'"),
+    (["events", "import", "/no/such/file.jsonl"], "events import", "No such file or directory"),
+    (["--bogus"], "", "No such option '--bogus'"),
+]
+
+
 @pytest.mark.parametrize(
-    "args",
-    [
-        ["sessions", "show"],
-        ["sessions", "frobnicate"],
-        ["offsets", "commit", "s1", "client"],
-        ["offsets", "reset", "s1", "client"],
-        ["sessions", "create", "--user-id", "U"],
-        ["verify", "--no-such-option"],
-        ["events", "import", "/no/such/file.jsonl"],
-    ],
-    ids=" ".join,
+    ("args", "command", "message"), USAGE_ERRORS, ids=[" ".join(c[0]) for c in USAGE_ERRORS]
 )
-def test_usage_errors_exit_2(cli: Cli, args: list[str]) -> None:
+def test_usage_errors_exit_2_with_one_line(
+    cli: Cli, args: list[str], command: str, message: str
+) -> None:
     result = cli.fails(2, *args)
-    assert "Error" in result.stderr
+    line = one_line_error(result, message)
+    assert line.startswith("error: "), line
+    assert line.endswith(f" (see 'main{' ' if command else ''}{command} --help')"), line
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("group", [[], ["sessions"], ["offsets"], ["events"]], ids=repr)
+def test_a_group_without_a_command_shows_its_help(cli: Cli, group: list[str]) -> None:
+    result = cli.run(*group)
+    output = result.stdout + result.stderr
+    assert output.startswith(f"Usage: {' '.join(['main', *group])} [OPTIONS] COMMAND"), output
+    assert "Commands:" in output
+    assert result.exit_code in (0, 2), describe(result)
 
 
 def test_version(cli: Cli) -> None:
@@ -253,6 +282,30 @@ def test_show_as_table(cli: Cli) -> None:
     assert result.stderr == ""
 
 
+MARKUP_TITLES = ["[/]", "[bold]x[/bold]", "[link=http://x]y[/link]", ":thumbs_up: [red]", "a\\[b]"]
+
+
+@pytest.mark.parametrize("title", MARKUP_TITLES)
+def test_user_text_is_printed_literally_not_as_rich_markup(cli: Cli, title: str) -> None:
+    wide = {"COLUMNS": "200"}
+    created = cli.run("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "mk-1",
+                      "--title", title, env=wide)  # fmt: skip
+    assert created.exit_code == 0, describe(created)
+    shown = cli.run("sessions", "show", "mk-1", env=wide)
+    assert shown.exit_code == 0, describe(shown)
+    for output in (created.stdout, shown.stdout):
+        rows = [line.split(None, 1) for line in output.splitlines() if line.strip()]
+        assert ["title", title] in [[cell.strip() for cell in row] for row in rows], output
+    listed = cli.run("sessions", "list", env=wide)
+    assert listed.exit_code == 0, describe(listed)
+    (row,) = [line for line in listed.stdout.splitlines() if "mk-1" in line]
+    assert [cell.strip() for cell in row.split("│")[1:-1]] == ["mk-1", "A", "U",
+        cli.json("sessions", "show", "mk-1")["created_at"], title, ""]  # fmt: skip
+    renamed = cli.run("sessions", "rename", "mk-1", title + "!", env=wide)
+    assert renamed.exit_code == 0, describe(renamed)
+    assert f" {title}! " in renamed.stdout
+
+
 def test_list_filters_and_json_lines(cli: Cli) -> None:
     sessions = {
         "aaaaaaaaa1": (FLUX_AGENT, FLUX_USER),
@@ -292,6 +345,30 @@ def test_rename(cli: Cli) -> None:
     cli.ok("sessions", "rename", "ren-1", "Second")
     assert cli.json("sessions", "show", "ren-1")["title"] == "Second"
     assert cli.export()[-1]["type"] == "title_changed"
+
+
+def test_rename_clear_removes_the_title(cli: Cli) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "clr-1",
+           "--title", "old")  # fmt: skip
+    cleared = cli.json("sessions", "rename", "clr-1", "--clear")
+    assert "title" not in cleared
+    assert cli.json("sessions", "show", "clr-1") == cleared
+    last = cli.export()[-1]
+    assert (last["type"], last["session_id"], "title" in last) == ("title_changed", "clr-1", False)
+    rows = cli.ok("sessions", "show", "clr-1").stdout.splitlines()
+    assert [" ".join(row.split()) for row in rows if row.split()[:1] == ["title"]] == ["title"]
+
+
+@pytest.mark.parametrize("args", [["clr-2"], ["clr-2", "New", "--clear"]], ids=["neither", "both"])
+def test_rename_needs_exactly_one_of_title_and_clear(cli: Cli, args: list[str]) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "clr-2",
+           "--title", "kept")  # fmt: skip
+    before = cli.log_files()
+    result = cli.fails(2, "sessions", "rename", *args)
+    assert "exactly one of TITLE or --clear" in result.stderr
+    assert result.stdout == ""
+    assert cli.log_files() == before
+    assert cli.json("sessions", "show", "clr-2")["title"] == "kept"
 
 
 def test_rename_unknown_session_exits_1(cli: Cli) -> None:
@@ -349,8 +426,7 @@ def test_creating_an_existing_id_is_refused(cli: Cli) -> None:
 def test_commit_and_show_offsets(cli: Cli) -> None:
     cli.create("off-1")
     result = cli.ok("offsets", "commit", "off-1", "client", "5")
-    assert "off-1" in result.stdout
-    assert "5" in result.stdout
+    assert re.fullmatch(r"off-1 client = 5 \(position \d+:\d+:\d+\)\n", result.stdout), result
     cli.ok("offsets", "commit", "off-1", "notifier", "2")
     committed = cli.json("offsets", "commit", "off-1", "client", "9")
     assert committed["current"] == 9
@@ -363,8 +439,7 @@ def test_commit_and_show_offsets(cli: Cli) -> None:
         "notifier": 2,
     }
     table = cli.ok("offsets", "show", "off-1").stdout
-    assert re.search(r"client\s+\S*\s*9", table), table
-    assert re.search(r"notifier\s+\S*\s*2", table), table
+    assert table_rows(table) == [["consumer", "offset"], ["client", "9"], ["notifier", "2"]]
 
 
 def test_stale_commit_is_reported_and_changes_nothing(cli: Cli) -> None:
@@ -373,7 +448,9 @@ def test_stale_commit_is_reported_and_changes_nothing(cli: Cli) -> None:
     events = len(cli.export())
 
     result = cli.ok("offsets", "commit", "stale-1", "client", "3")
-    assert "stale" in result.stdout.lower(), result.stdout
+    assert result.stdout == (
+        "stale: client is already at 10 for session stale-1; offset 3 recorded, nothing changed\n"
+    )
     assert cli.json("offsets", "show", "stale-1") == {"client": 10}
 
     as_json = cli.json("offsets", "commit", "stale-1", "client", "4")
@@ -423,8 +500,8 @@ def test_reset_is_a_dry_run_unless_executed(cli: Cli) -> None:
     before, events = cli.log_files(), len(cli.export())
 
     dry = cli.ok("offsets", "reset", "rst-1", "client", "--to-offset", "3")
-    assert "dry run" in dry.stdout
-    assert "10" in dry.stdout
+    assert table_rows(dry.stdout)[1:] == [["rst-1", "client", "10", "3"]]
+    assert dry.stdout.splitlines()[-1].startswith("dry run: nothing changed")
     plan = cli.json("offsets", "reset", "rst-1", "client", "--to-offset", "3")
     assert plan["applied"] is False
     assert plan["current"] == 10
@@ -438,9 +515,9 @@ def test_reset_is_a_dry_run_unless_executed(cli: Cli) -> None:
         "--reason", "reprocess", "--actor", "ops",
     )  # fmt: skip
     assert applied["applied"] is True
-    assert applied["position"] is not None
     assert cli.json("offsets", "show", "rst-1") == {"client": 3}
     last = cli.export()[-1]
+    assert applied["position"] == last["position"]
     assert last["type"] == "offset_reset"
     assert (last["offset"], last["actor"], last["reason"]) == (3, "ops", "reprocess")
 
@@ -450,13 +527,76 @@ def test_reset_is_a_dry_run_unless_executed(cli: Cli) -> None:
     assert cli.json("offsets", "show", "rst-1") == {"client": 5}
 
 
+def table_rows(output: str) -> list[list[str]]:
+    """The header and rows of a Rich table with borders, as lists of stripped cells."""
+    return [
+        [cell.strip() for cell in re.split("[│┃]", line)[1:-1]]
+        for line in output.splitlines()
+        if line.startswith(("│", "┃"))
+    ]
+
+
 def test_reset_table_output_when_executed(cli: Cli) -> None:
     cli.create("rst-2")
     cli.ok("offsets", "commit", "rst-2", "indexer", "8")
     result = cli.ok("offsets", "reset", "rst-2", "indexer", "--to-offset", "0", "--execute")
-    assert "reset applied" in result.stdout
+    assert table_rows(result.stdout) == [
+        ["session", "consumer", "previous", "now"],
+        ["rst-2", "indexer", "8", "0"],
+    ]
+    assert result.stdout.splitlines()[-1].startswith("reset applied (position ")
     assert "dry run" not in result.stdout
     assert cli.json("offsets", "show", "rst-2") == {"indexer": 0}
+
+    first = cli.ok("offsets", "reset", "rst-2", "parser", "--to-offset", "5", "--execute")
+    assert table_rows(first.stdout)[1] == ["rst-2", "parser", "-", "5"]
+
+
+def test_reset_dry_run_table_shows_current_and_target(cli: Cli) -> None:
+    cli.create("rst-3")
+    cli.ok("offsets", "commit", "rst-3", "indexer", "8")
+    result = cli.ok("offsets", "reset", "rst-3", "indexer", "--to-offset", "2")
+    assert table_rows(result.stdout) == [
+        ["session", "consumer", "current", "target"],
+        ["rst-3", "indexer", "8", "2"],
+    ]
+    assert result.stdout.splitlines()[-1] == (
+        "dry run: nothing changed; add --execute to apply this plan"
+    )
+
+
+def uid_without_passwd_entry() -> int:
+    """A uid that no passwd entry names, as a container run with a random --user has."""
+    for uid in range(54321, 64000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise AssertionError("every uid tried has a passwd entry")
+
+
+def test_default_actor_never_raises() -> None:
+    uid = uid_without_passwd_entry()
+    assert default_actor({"USER": "alice", "LOGNAME": "bob"}, uid) == "alice"
+    assert default_actor({"LOGNAME": "bob"}, uid) == "bob"
+    assert default_actor({"USER": ""}, uid) == f"uid:{uid}"
+    assert default_actor({}, 0) == pwd.getpwuid(0).pw_name
+
+
+def test_reset_records_the_user_from_the_environment_by_default(cli: Cli) -> None:
+    cli.create("act-1")
+    args = ["offsets", "reset", "act-1", "client", "--to-offset", "0", "--execute"]
+    result = cli.run(*args, env={"USER": "carol", "LOGNAME": "dave"})
+    assert result.exit_code == 0, describe(result)
+    assert cli.export()[-1]["actor"] == "carol"
+    unset = {name: None for name in ("USER", "LOGNAME", "LNAME", "USERNAME")}
+    result = cli.run(*args, env=unset)
+    assert result.exit_code == 0, describe(result)
+    try:
+        expected = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        expected = f"uid:{os.getuid()}"
+    assert cli.export()[-1]["actor"] == expected
 
 
 def test_reset_of_unknown_session_exits_1(cli: Cli) -> None:
@@ -509,6 +649,15 @@ BAD_INPUT: list[tuple[str, list[str], str]] = [
     ("offset-abc", ["offsets", "commit", "s1", "client", "abc"], "offset"),
     ("offset-float", ["offsets", "commit", "s1", "client", "1.5"], "offset"),
     ("offset-2-63", ["offsets", "commit", "s1", "client", "9223372036854775808"], "offset"),
+    ("offset-newline", ["offsets", "commit", "s1", "client", "6\n"], "offset"),
+    ("offset-plus", ["offsets", "commit", "s1", "client", "+6"], "offset"),
+    ("offset-space", ["offsets", "commit", "s1", "client", " 6"], "offset"),
+    ("offset-trailing-space", ["offsets", "commit", "s1", "client", "6 "], "offset"),
+    ("offset-underscore", ["offsets", "commit", "s1", "client", "6_0"], "offset"),
+    ("offset-empty", ["offsets", "commit", "s1", "client", ""], "offset"),
+    ("reset-newline", ["offsets", "reset", "s1", "client", "--to-offset", "3\n", "--execute"],
+     "offset"),
+    ("reset-plus-dry-run", ["offsets", "reset", "s1", "client", "--to-offset", "+3"], "offset"),
     ("offset-negative-unknown", ["offsets", "commit", "new-1", "client", "-1", "--allow-unknown"],
      "offset"),
     ("reset-negative", ["offsets", "reset", "s1", "client", "--to-offset", "-1", "--execute"],
@@ -521,6 +670,10 @@ BAD_INPUT: list[tuple[str, list[str], str]] = [
     ("title-201-create", ["sessions", "create", "--agent-id", "A", "--user-id", "U",
                           "--title", "t" * 201], "title"),
     ("title-201-rename", ["sessions", "rename", "s1", "t" * 201], "title"),
+    ("actor-201", ["offsets", "reset", "s1", "client", "--to-offset", "1", "--execute",
+                   "--actor", "a" * 201], "actor"),
+    ("reason-1001", ["offsets", "reset", "s1", "client", "--to-offset", "1", "--execute",
+                     "--reason", "r" * 1001], "reason"),
 ]  # fmt: skip
 
 
@@ -674,6 +827,79 @@ def test_import_rejects_whole_file_naming_first_bad_line(
     assert cli.log_files() == before
 
 
+@pytest.mark.parametrize("field", ["created_at", "recorded_at"])
+def test_import_refuses_a_time_without_a_zone(cli: Cli, field: str) -> None:
+    """A naive time once got in and then broke `sessions list` with a TypeError for good."""
+    cli.create("tz-1")
+    before = cli.log_files()
+    fields = {"created_at": "2025-01-25T22:41:41Z", field: "2025-01-25T22:41:41"}
+    good = event_line(type="offset_committed", session_id="tz-1", consumer="client", offset=1)
+    naive = event_line(type="session_created", session_id="tz-2", agent_id="A", user_id="U",
+                       **fields)  # fmt: skip
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n{naive}\n")
+    one_line_error(result, "line 2", field, "timezone")
+    assert cli.log_files() == before
+    assert [s["id"] for s in cli.json_lines("sessions", "list", "--json")] == ["tz-1"]
+    assert "tz-1" in cli.ok("sessions", "list").stdout
+
+
+def test_import_accepts_a_utf8_bom(cli: Cli, tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a byte order mark; it is not part of line 1."""
+    cli.create("bom-1")
+    lines = [
+        event_line(type="title_changed", session_id="bom-1", title="Café"),
+        event_line(type="offset_committed", session_id="bom-1", consumer="client", offset=4),
+    ]
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    assert "imported 2 events" in cli.ok("events", "import", str(source)).stderr
+    assert cli.ok("events", "import", "-", stdin=source.read_bytes()).stderr.endswith(
+        "imported 2 events\n"
+    )
+    shown = cli.json("sessions", "show", "bom-1")
+    assert (shown["title"], shown["consumption_offsets"]) == ("Café", {"client": 4})
+    assert len(cli.export()) == 5
+
+
+def test_import_refuses_a_bom_after_line_1(cli: Cli) -> None:
+    cli.create("bom-2")
+    good = event_line(type="offset_committed", session_id="bom-2", consumer="client", offset=1)
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n\ufeff{good}\n".encode())
+    one_line_error(result, "line 2", "not valid JSON")
+
+
+IMPORT_FIELD_ERRORS = [
+    ("unknown-field", {"type": "offset_committed", "session_id": "imp-1", "consumer": "client",
+                       "offset": 2, "ofset": 3}, "ofset: unknown field"),
+    ("unknown-in-position", {"type": "session_deleted", "session_id": "imp-1",
+                             "position": {"partition": 0, "offset": 1, "idx": 0}},
+     "position.idx: unknown field"),
+    ("event-id-10-mb", {"type": "offset_committed", "session_id": "imp-1", "consumer": "client",
+                        "offset": 2, "event_id": "e" * 10**7}, "event_id: "),
+    ("actor-201", {"type": "offset_reset", "session_id": "imp-1", "consumer": "client",
+                   "offset": 0, "actor": "a" * 201}, "actor: "),
+    ("reason-1001", {"type": "offset_reset", "session_id": "imp-1", "consumer": "client",
+                     "offset": 0, "reason": "r" * 1001}, "reason: "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [case[1:] for case in IMPORT_FIELD_ERRORS],
+    ids=[case[0] for case in IMPORT_FIELD_ERRORS],
+)
+def test_import_names_the_line_and_field_of_a_refused_value(
+    cli: Cli, fields: dict[str, Any], message: str
+) -> None:
+    cli.create("imp-1")
+    before = cli.log_files()
+    good = event_line(type="offset_committed", session_id="imp-1", consumer="client", offset=1)
+    result = cli.fails(2, "events", "import", "-", stdin=f"{good}\n{event_line(**fields)}\n")
+    error = one_line_error(result, f"line 2: {message}")
+    assert len(error) < 200, error[:300]
+    assert cli.log_files() == before
+
+
 def test_events_after_delete_do_not_revive_the_session(cli: Cli) -> None:
     cli.create("zombie")
     cli.ok("offsets", "commit", "zombie", "client", "3")
@@ -738,6 +964,19 @@ def test_verify_finds_drift_and_replay_repairs_it(
     assert cli.json("offsets", "show", "vfy-b") == {"client": 8}
 
 
+def test_verify_prints_titles_in_differences_literally(
+    cli: Cli, redis_client: redis.Redis, prefix: str
+) -> None:
+    cli.ok("sessions", "create", "--agent-id", "A", "--user-id", "U", "--id", "vfy-t",
+           "--title", ":smile: [/]")  # fmt: skip
+    redis_client.hset(snapshot_key(redis_client, prefix, "vfy-t"), "t", "[bold]x[/bold] :x:")
+    result = cli.fails(1, "verify")
+    assert result.stdout.splitlines() == [
+        "vfy-t: title '[bold]x[/bold] :x:' in Redis, ':smile: [/]' in the log",
+        "verify: 1 differences",
+    ]
+
+
 def test_replay_after_losing_redis_keys(cli: Cli, redis_client: redis.Redis, prefix: str) -> None:
     cli.create("rpl-1")
     cli.ok("offsets", "commit", "rpl-1", "client", "11")
@@ -782,6 +1021,26 @@ def test_demo(cli: Cli) -> None:
     assert not cli.data_dir.exists(), "demo uses a data dir of its own"
 
 
+def test_demo_with_one_session_and_one_commit(cli: Cli) -> None:
+    result = cli.ok("demo", "--sessions", "1", "--commits", "1", "--seed", "0")
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert any(line.startswith("created 1 sessions") for line in lines), lines
+    assert any(line.startswith("committed 1 offsets") for line in lines), lines
+    assert any(line.startswith("replay: 2 events, 1 sessions") for line in lines), lines
+    assert lines[-1] == "verify: 0 differences", result.stdout
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--sessions", "0"), ("--sessions", "-3"), ("--commits", "0"), ("--commits", "-1"),
+     ("--sessions", "many"), ("--seed", "1.5")],
+)  # fmt: skip
+def test_demo_refuses_bad_options(cli: Cli, option: str, value: str) -> None:
+    result = cli.fails(2, "demo", option, value)
+    one_line_error(result, f"Invalid value for '{option}'", value)
+    assert result.stdout == ""
+
+
 # -- environment -----------------------------------------------------------------------
 
 
@@ -790,6 +1049,7 @@ def test_demo(cli: Cli) -> None:
     [
         ("TRACKER_PREFIX", "trk{0}"),
         ("TRACKER_PREFIX", "a}b"),
+        ("TRACKER_PREFIX", "trk\n"),
         ("TRACKER_REDIS_URL", "http://x"),
     ],
 )
@@ -797,6 +1057,23 @@ def test_bad_environment_exits_2(cli: Cli, variable: str, value: str) -> None:
     result = cli.run("sessions", "list", env={variable: value})
     assert result.exit_code == 2, describe(result)
     one_line_error(result, variable)
+    assert result.stdout == ""
+    assert not cli.data_dir.exists(), "configuration is checked before any I/O"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "variable"),
+    [
+        ("--prefix", "trk{0}", "TRACKER_PREFIX"),
+        ("--prefix", "trk\n", "TRACKER_PREFIX"),
+        ("--redis-url", "http://x", "TRACKER_REDIS_URL"),
+    ],
+)
+def test_a_bad_flag_is_named_as_typed(cli: Cli, flag: str, value: str, variable: str) -> None:
+    result = cli.run(flag, value, "sessions", "list")
+    assert result.exit_code == 2, describe(result)
+    line = one_line_error(result, f"error: {flag}: ")
+    assert variable not in line
     assert result.stdout == ""
     assert not cli.data_dir.exists(), "configuration is checked before any I/O"
 
@@ -830,6 +1107,66 @@ def test_valid_flag_wins_over_invalid_environment(
     result = cli.run(flag, good, "verify", env={variable: value})
     assert result.exit_code == 0, describe(result)
     assert result.stdout.splitlines() == ["verify: 0 differences"]
+
+
+# -- exit codes ----------------------------------------------------------------------
+
+EXIT_CODES: list[tuple[TrackerError, int]] = [
+    (InvalidInputError("x"), 2),
+    (ConfigError("x"), 2),
+    (SessionNotFoundError("x"), 1),
+    (SessionExistsError("x"), 1),
+    (LogCorruptError("x"), 1),
+    (SnapshotStoreError("x"), 1),
+    (LogLockedError("x"), 75),
+    (SnapshotUnavailableError("x"), 75),
+    (CheckpointConflictError("x"), 75),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"), EXIT_CODES, ids=[type(error).__name__ for error, _ in EXIT_CODES]
+)
+def test_exit_code_of_each_error(error: TrackerError, code: int) -> None:
+    assert exit_code(error) == code
+    assert (code == EXIT_UNAVAILABLE) == error.retriable
+
+
+def test_help_documents_the_exit_codes(cli: Cli) -> None:
+    text = " ".join(cli.ok("--help").stdout.split())
+    for line in [
+        "0 ok",
+        "1 not found, or a failed check",
+        "2 bad input or usage",
+        "75 unavailable, try again",
+    ]:
+        assert line in text, text
+
+
+def test_a_log_locked_by_another_process_exits_75(cli: Cli) -> None:
+    """The log's append lock is held for longer than TRACKER_LOCK_TIMEOUT."""
+    cli.create("lck-1")
+    fd = os.open(cli.data_dir / "log" / "LOCK", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = cli.run(
+            "offsets", "commit", "lck-1", "client", "1", env={"TRACKER_LOCK_TIMEOUT": "0.3"}
+        )
+    finally:
+        os.close(fd)
+    assert result.exit_code == EXIT_UNAVAILABLE, describe(result)
+    one_line_error(result, "another process", "try again")
+    assert result.stdout == ""
+    assert cli.json("offsets", "show", "lck-1") == {}
+
+
+def test_an_unreachable_redis_exits_75(cli: Cli) -> None:
+    cli.create("down-1")
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    result = cli.run("--redis-url", closed, "sessions", "list")
+    assert result.exit_code == EXIT_UNAVAILABLE, describe(result)
+    one_line_error(result, "Redis")
+    assert result.stdout == ""
 
 
 def test_two_logs_sharing_a_prefix(cli: Cli, tmp_path: Path, redis_url: str) -> None:

@@ -56,14 +56,14 @@ def test_a_server_left_by_a_killed_process_is_joined_and_stopped(tmp_path: Path)
     try:
         assert pid_alive(orphan), "the server outlives the process that started it"
         with Tracker(Settings(data_dir=data_dir)) as tracker:
-            tracker.create_session("a", "u", session_id="s1")
+            created = tracker.create_session("a", "u", session_id="s1")
             assert server_pid(data_dir) == orphan, "joined, not a second server"
         deadline = time.monotonic() + 10
         while pid_alive(orphan) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not pid_alive(orphan), "the last process to leave shut it down"
         with Tracker(Settings(data_dir=data_dir)) as tracker:  # state intact
-            assert tracker.get_session("s1") is not None
+            assert tracker.get_session("s1") == created
     finally:
         if pid_alive(orphan):
             os.kill(orphan, signal.SIGKILL)

@@ -35,15 +35,7 @@ from tracker.keys import SLOTS, Keys, hash_slot, partition_tags
 from tracker.logs.file import FileLog
 from tracker.model import MAX_OFFSET
 from tracker.projector import Projector
-from tracker.snapshots import (
-    CHUNK_SESSIONS,
-    MERGE_LUA,
-    MERGE_SHA,
-    SnapshotStore,
-    _encode_strings,
-    _wire,
-    partial_checkpoint,
-)
+from tracker.snapshots import CHUNK_SESSIONS, SnapshotStore, partial_checkpoint
 
 REDIS_PROPERTY = settings(
     max_examples=100,
@@ -386,18 +378,22 @@ class Crash(Exception):
 
 
 class CrashingStore(SnapshotStore):
-    """Lets ``spare`` multi-chunk merges through, then sends only the first chunk calls of
-    the next one (at least one, never all; how many depends on ``seed``) and crashes.
+    """The real merge, in a process that 'dies' between two of a batch's chunk calls.
 
-    It builds the calls as :meth:`SnapshotStore.merge` does (same wire format, same partial
-    checkpoints), so Redis is left exactly as after a real crash between two chunk calls.
+    Each chunk call is its own round trip (``chunks_per_round_trip = 1``), so a crash at
+    the round-trip seam (:meth:`SnapshotStore._execute`) can fall between any two of them.
+    Lets ``spare`` multi-chunk merges through; in the next one, lets the first round trips
+    through (at least one, never all; how many depends on ``seed``), then fails this one
+    and every later one, as a dead process sends nothing more.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, spare: int, seed: int) -> None:
         super().__init__(client, keys)
+        self.chunks_per_round_trip = 1
         self.spare = spare
         self.seed = seed
         self.crashed = False
+        self.sends_left: int | None = None
 
     def merge(
         self,
@@ -409,39 +405,28 @@ class CrashingStore(SnapshotStore):
         chunk_sessions: int = CHUNK_SESSIONS,
         first_chunk: int = 0,
     ) -> None:
-        count = max(ceil(len(deltas) / chunk_sessions), 1)
-        remaining = count - first_chunk
-        if remaining < 2 or self.spare > 0:
-            if remaining >= 2:
+        remaining = max(ceil(len(deltas) / chunk_sessions), 1) - first_chunk
+        if remaining >= 2 and self.sends_left is None:
+            if self.spare > 0:
                 self.spare -= 1
-            super().merge(
-                partition,
-                deltas,
-                after=after,
-                upto=upto,
-                chunk_sessions=chunk_sessions,
-                first_chunk=first_chunk,
-            )
-            return
-        stop = first_chunk + 1 + self.seed % (remaining - 1)
-        cp_key = self.keys.checkpoint(partition)
-        for number in range(first_chunk, stop):
-            key_list = [cp_key]
-            chunk = deltas[number * chunk_sessions : (number + 1) * chunk_sessions]
-            wire = _wire(self.keys, partition, chunk, key_list)
-            expected = (
-                after
-                if number == 0
-                else partial_checkpoint(after, upto, number - 1, chunk_sessions)
-            )
-            new = partial_checkpoint(after, upto, number, chunk_sessions)
-            self.client.script_load(MERGE_LUA)
-            applied, _ = self.client.evalsha(
-                MERGE_SHA, len(key_list), *key_list, expected, new, _encode_strings(wire)
-            )
-            assert int(applied)
-        self.crashed = True
-        raise Crash(f"died after chunk {stop - 1} of {count}")
+            else:
+                self.sends_left = 1 + self.seed % (remaining - 1)
+        super().merge(
+            partition,
+            deltas,
+            after=after,
+            upto=upto,
+            chunk_sessions=chunk_sessions,
+            first_chunk=first_chunk,
+        )
+
+    def _execute(self, pipe: redis.client.Pipeline) -> list[Any]:
+        if self.sends_left == 0:
+            self.crashed = True
+            raise Crash("died between two chunk calls")
+        if self.sends_left is not None:
+            self.sends_left -= 1
+        return super()._execute(pipe)
 
 
 many_session_events = st.lists(
@@ -486,7 +471,7 @@ def test_a_crash_mid_batch_is_finished_by_a_fresh_projector(
             projector = Projector(
                 log, crashing, batch_records=batch, chunk_sessions=chunk, max_sessions=max_sessions
             )
-            with contextlib.suppress(Crash):
+            with contextlib.suppress(Crash), contextlib.closing(crashing):
                 projector.catch_up()
             token = store.checkpoint(0)
             event(f"crashed mid-batch: {crashing.crashed}")
@@ -507,8 +492,9 @@ def test_a_partial_checkpoint_names_the_batch_and_is_finished(world: World) -> N
         append(log, events[:4])
         append(log, events[4:])
         crashing = CrashingStore(store.client, store.keys, spare=0, seed=1)
-        with pytest.raises(Crash):
+        with pytest.raises(Crash), contextlib.closing(crashing):
             Projector(log, crashing, batch_records=100, chunk_sessions=3).catch_up()
+        assert crashing.crashed
         token = store.checkpoint(0)
         assert token == partial_checkpoint("", Position(0, 1, 5).token(), 1, 3)
         partial = redis_state(store)

@@ -30,7 +30,7 @@ def test_public_names_are_pinned() -> None:
         "TrackerError",
     ]
     for name in tracker.__all__:
-        assert getattr(tracker, name) is not None
+        assert getattr(tracker, name).__name__ == name, f"{name} is an alias"
 
 
 def test_every_error_is_a_tracker_error() -> None:

@@ -319,6 +319,15 @@ BAD_INPUT: list[tuple[str, Call, str]] = [
     ("reset negative", lambda t: t.reset_offset("s1", "client", -1), "offset"),
     ("reset consumer", lambda t: t.reset_offset("s1", "a/b", 1), "consumer"),
     ("reset 2**63", lambda t: t.reset_offset("s1", "client", 2**63), "offset"),
+    ("reset actor", lambda t: t.reset_offset("s1", "client", 1, actor="a" * 201), "actor"),
+    ("reset reason", lambda t: t.reset_offset("s1", "client", 1, reason="r" * 1001), "reason"),
+    (
+        "import event id",
+        lambda t: t.import_events(
+            [OffsetCommitted(session_id="s1", consumer="c", offset=1, event_id="e" * 65)]
+        ),
+        "event_id",
+    ),
     (
         "import offset",
         lambda t: t.import_events([OffsetCommitted(session_id="s1", consumer="c", offset=-1)]),

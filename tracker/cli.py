@@ -1,17 +1,26 @@
 """The ``tracker`` command line: click groups for the nouns, one renderer for the output.
 
-Exit codes: 0 ok; 1 not found or a failed check; 2 bad input or usage. Errors are one
-line on stderr, never a traceback.
+Exit codes::
+
+    0   ok
+    1   not found, or a failed check (``verify`` found drift)
+    2   bad input or usage; nothing was written
+    75  unavailable, try again (EX_TEMPFAIL): Redis or the log cannot be reached, the log
+        is locked by another process, or another projector got there first; the error is
+        ``retriable``
+
+Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
-import getpass
+import codecs
 import logging
 import os
+import pwd
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,17 +42,32 @@ from tracker.logs import events_of, open_log
 from tracker.model import SessionDTO, format_datetime
 from tracker.results import CommitResult, ResetPlan
 from tracker.service import Tracker
-from tracker.settings import Settings
+from tracker.settings import ENV, Settings
 
 _json = msgspec.json.Encoder()
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 75
+
+EPILOG = """\b
+Exit codes:
+  0   ok
+  1   not found, or a failed check (verify found drift)
+  2   bad input or usage; nothing was written
+  75  unavailable, try again: Redis or the log cannot be reached, or the log is locked"""
 
 
 def exit_code(error: TrackerError) -> int:
+    """The documented exit code of an error (see the module docstring)."""
     if isinstance(error, InvalidInputError | ConfigError):
         return EXIT_USAGE
+    if error.retriable:
+        return EXIT_UNAVAILABLE
     return EXIT_FAILED
+
+
+LITERAL: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False, "soft_wrap": True}
+"""Console settings that print every string as given: titles like ``[/]``, ``[link=...]``
+or ``:smile:`` are user text, not Rich markup, in every table, title and line."""
 
 
 class Cli:
@@ -51,8 +75,8 @@ class Cli:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Console(**LITERAL)
+        self.err = Console(stderr=True, **LITERAL)
         self._tracker: Tracker | None = None
         self._closers: list[Callable[[], None]] = []
 
@@ -77,7 +101,7 @@ class Cli:
         sys.stdout.buffer.flush()
 
     def say(self, text: str) -> None:
-        self.out.print(text, markup=False)
+        self.out.print(text)
 
     @contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -128,7 +152,7 @@ class Cli:
                 offsets,
             )
         self.out.print(table)
-        self.err.print(f"{len(sessions)} sessions", markup=False)
+        self.err.print(f"{len(sessions)} sessions")
 
     def offsets(self, session_id: str, offsets: dict[str, int], as_json: bool) -> None:
         if as_json:
@@ -140,12 +164,42 @@ class Cli:
         self.out.print(table)
 
 
+_HELP_INSTEAD: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+"""A group run without a command shows its help (click >= 8.2 raises this for it)."""
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (click's own adds the usage and a blank line)."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"error: {self.format_message()}{hint}", file=file, err=True)
+
+
 class TrackerGroup(click.Group):
-    """Maps :class:`TrackerError` to one line on stderr and the documented exit code."""
+    """Maps :class:`TrackerError` and usage errors to one line on stderr and the exit code."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _HELP_INSTEAD:
+            raise
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message(), error.ctx) from error
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except _HELP_INSTEAD:
+            raise
+        except click.UsageError as error:
+            raise OneLineUsageError(error.format_message(), error.ctx) from error
         except TrackerError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(exit_code(error))
@@ -155,33 +209,69 @@ pass_cli = click.make_pass_decorator(Cli)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
-_INTEGER = re.compile(r"^-?[0-9]+$")
+def default_actor(env: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """Who runs the command, for ``offsets reset --actor``; never raises.
+
+    ``$USER`` or ``$LOGNAME``, else the passwd name of the uid, else ``uid:<n>``:
+    ``getpass.getuser()`` raises where the uid has no passwd entry, as in a container
+    started with a random ``--user``.
+    """
+    env = os.environ if env is None else env
+    for name in ("USER", "LOGNAME"):
+        if value := env.get(name):
+            return value
+    uid = os.getuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def parse_offset(text: str) -> int:
-    """The OFFSET argument as an integer; range checks are the model's."""
-    if not _INTEGER.match(text):
+    """The OFFSET argument as an integer; range checks are the model's.
+
+    Only ASCII digits and a minus sign: no ``+``, spaces, ``_`` or a trailing newline,
+    all of which ``int()`` would accept.
+    """
+    if not _INTEGER.fullmatch(text):
         raise InvalidInputError(f"offset: {text!r} is not an integer")
     return int(text)
 
 
-@click.group(cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+FLAGS = {"data_dir": "--data-dir", "redis_url": "--redis-url", "prefix": "--prefix"}
+"""The settings that have a flag, and the flag's name (errors name it)."""
+
+
+def load_settings(environ: Mapping[str, str], **flags: Any) -> Settings:
+    """The environment's settings with the given flags on top.
+
+    A flag replaces its variable, which is then not read at all: a bad value in the
+    environment does not matter when the flag is given.
+    """
+    replaced = {ENV[name] for name, value in flags.items() if value is not None}
+    env = {name: value for name, value in environ.items() if name not in replaced}
+    return Settings.from_env(env).with_overrides(names=FLAGS, **flags)
+
+
+@click.group(
+    cls=TrackerGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    envvar="TRACKER_DATA_DIR",
     help="Where the file log (and the embedded Redis) live.  "
     "[env: TRACKER_DATA_DIR; default: ./.tracker]",
 )
 @click.option(
     "--redis-url",
-    envvar="TRACKER_REDIS_URL",
     help="Redis holding the snapshots, e.g. redis://127.0.0.1:6379/0. "
     "[env: TRACKER_REDIS_URL; default: an embedded redis-server in the data dir]",
 )
 @click.option(
     "--prefix",
-    envvar="TRACKER_PREFIX",
     help="Prefix of every Redis key.  [env: TRACKER_PREFIX; default: trk]",
 )
 @click.version_option(package_name="offset-tracker")
@@ -195,14 +285,8 @@ def main(
     current sessions, rebuilt from the log by `tracker replay`.
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    flags = {
-        "TRACKER_DATA_DIR": data_dir,
-        "TRACKER_REDIS_URL": redis_url,
-        "TRACKER_PREFIX": prefix,
-    }
-    environment = {**os.environ, **{k: str(v) for k, v in flags.items() if v is not None}}
     try:
-        settings = Settings.from_env(environment)
+        settings = load_settings(os.environ, data_dir=data_dir, redis_url=redis_url, prefix=prefix)
     except ConfigError as error:
         click.echo(f"error: {error}", err=True)
         ctx.exit(EXIT_USAGE)
@@ -271,11 +355,16 @@ def sessions_list(cli: Cli, user_id: str | None, agent_id: str | None, as_json: 
 
 @sessions.command("rename")
 @click.argument("session_id")
-@click.argument("title")
+@click.argument("title", required=False)
+@click.option("--clear", is_flag=True, help="Remove the title instead of setting one.")
 @json_option
 @pass_cli
-def sessions_rename(cli: Cli, session_id: str, title: str, as_json: bool) -> None:
-    """Set a session's title."""
+def sessions_rename(
+    cli: Cli, session_id: str, title: str | None, clear: bool, as_json: bool
+) -> None:
+    """Set a session's title to TITLE, or remove it with --clear."""
+    if (title is not None) == clear:
+        raise click.UsageError("give exactly one of TITLE or --clear")
     cli.sessions([cli.tracker(write=True).rename(session_id, title)], as_json, single=True)
 
 
@@ -358,7 +447,9 @@ def offsets_show(cli: Cli, session_id: str, as_json: bool) -> None:
 @click.argument("consumer")
 @click.option("--to-offset", "to_offset", required=True, help="The offset to set, lower ones too.")
 @click.option("--reason", help="Why; recorded in the offset_reset event.")
-@click.option("--actor", default=getpass.getuser, show_default="the current user", help="Who.")
+@click.option(
+    "--actor", default=default_actor, show_default="$USER, $LOGNAME or uid:<n>", help="Who."
+)
 @click.option("--execute", is_flag=True, help="Apply the reset; without it, only show the plan.")
 @json_option
 @pass_cli
@@ -387,10 +478,12 @@ def offsets_reset(
 
 
 def render_plan(cli: Cli, plan: ResetPlan, as_json: bool) -> None:
+    """A dry run shows the offset as it is and the target; an applied reset, before and now."""
     if as_json:
         cli.json_line(plan)
         return
-    table = Table("session", "consumer", "current", "target")
+    before, after = ("previous", "now") if plan.applied else ("current", "target")
+    table = Table("session", "consumer", before, after)
     current = "-" if plan.current is None else str(plan.current)
     table.add_row(plan.session_id, plan.consumer, current, str(plan.target))
     cli.out.print(table)
@@ -410,8 +503,12 @@ def events() -> None:
 
 
 def read_events(source: BinaryIO, progress: Callable[[int], None]) -> Iterator[AnyEvent]:
-    """Decode the lines one at a time; a bad line raises, which cancels the whole import."""
-    for number, line in enumerate(source, start=1):
+    """Decode the lines one at a time; a bad line raises, which cancels the whole import.
+
+    A UTF-8 byte order mark opening the file (as some Windows editors write) is skipped.
+    """
+    for number, raw in enumerate(source, start=1):
+        line = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
         if line.strip():
             yield decode_event_json_line(line, number)
         progress(1)
@@ -429,7 +526,7 @@ def events_import(cli: Cli, source: BinaryIO) -> None:
     tracker = cli.tracker(write=True)
     with cli.progress("importing", None) as advance:
         result = tracker.import_events(read_events(source, advance))
-    cli.err.print(f"imported {result.count} events", markup=False)
+    cli.err.print(f"imported {result.count} events")
 
 
 @events.command("export")
@@ -492,8 +589,21 @@ def verify(cli: Cli, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--sessions", "session_count", default=3000, show_default=True, help="Sessions.")
-@click.option("--commits", default=300_000, show_default=True, help="Offset commits.")
+@click.option(
+    "--sessions",
+    "session_count",
+    type=click.IntRange(min=1),
+    default=3000,
+    show_default=True,
+    help="Sessions (at least 1).",
+)
+@click.option(
+    "--commits",
+    type=click.IntRange(min=1),
+    default=300_000,
+    show_default=True,
+    help="Offset commits (at least 1).",
+)
 @click.option("--seed", default=7, show_default=True, help="Random seed of the workload.")
 @pass_cli
 def demo(cli: Cli, session_count: int, commits: int, seed: int) -> None:

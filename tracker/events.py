@@ -1,8 +1,10 @@
 """The event log's records: five event Structs in one tagged union, and their codecs.
 
 The log stores each event as msgpack; ``events export`` / ``events import`` use the
-same Structs as JSON, one per line. Schema evolution: add optional fields only, never
-reuse a tag, so that old logs replay forever.
+same Structs as JSON, one per line, and an import line with a field the Struct does not
+declare is refused. Schema evolution: add optional fields only, never reuse a tag, never
+check on read what older versions did not check on append, so that old logs replay
+forever.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ import msgspec
 from msgspec import Meta, Struct
 
 from tracker.errors import InvalidInputError
-from tracker.model import AgentId, ConsumerName, Offset, SessionId, Title, UserId
+from tracker.model import (
+    Actor,
+    AgentId,
+    ConsumerName,
+    EventId,
+    Offset,
+    Reason,
+    SessionId,
+    Timestamp,
+    Title,
+    UserId,
+)
 
 
 class Position(Struct, frozen=True, order=True, omit_defaults=True):
@@ -43,8 +56,8 @@ class Event(Struct, frozen=True, tag_field="type", omit_defaults=True, gc=False)
     """Envelope shared by every event; ``position`` is set only on events read back from the log."""
 
     session_id: SessionId
-    event_id: str | None = msgspec.field(default=None)
-    recorded_at: datetime | None = None
+    event_id: EventId | None = None
+    recorded_at: Timestamp | None = None
     position: Position | None = None
 
 
@@ -53,7 +66,7 @@ class SessionCreated(Event, frozen=True, tag="session_created", kw_only=True):
 
     agent_id: AgentId
     user_id: UserId
-    created_at: datetime
+    created_at: Timestamp
     title: Title | None = None
 
 
@@ -75,8 +88,8 @@ class OffsetReset(Event, frozen=True, tag="offset_reset", kw_only=True):
 
     consumer: ConsumerName
     offset: Offset
-    actor: str | None = None
-    reason: str | None = None
+    actor: Actor | None = None
+    reason: Reason | None = None
 
 
 class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
@@ -86,15 +99,26 @@ class SessionDeleted(Event, frozen=True, tag="session_deleted", kw_only=True):
 AnyEvent = SessionCreated | TitleChanged | OffsetCommitted | OffsetReset | SessionDeleted
 
 
-def _without_patterns(kind: Any) -> Any:
-    """``kind`` with every ``Meta(pattern=...)`` removed (lengths and ranges are kept)."""
+SIZED_SINCE_APPENDED = ("event_id", "actor", "reason")
+"""Free text whose size limits came after records were appended without them."""
+
+
+def _checked_on_read(meta: object, *, sizes: bool) -> bool:
+    """Whether the log decoders keep a constraint (see :func:`_stored_form`)."""
+    if not isinstance(meta, Meta):
+        return True
+    return not (meta.pattern or meta.tz or (not sizes and meta.max_length is not None))
+
+
+def _relaxed(kind: Any, *, sizes: bool = True) -> Any:
+    """``kind`` without the constraints the log decoders skip (see :func:`_stored_form`)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Annotated:
         base, *metas = args
-        kept = [meta for meta in metas if not (isinstance(meta, Meta) and meta.pattern)]
+        kept = [meta for meta in metas if _checked_on_read(meta, sizes=sizes)]
         return Annotated[(base, *kept)] if kept else base
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[tuple(_without_patterns(arg) for arg in args)]  # noqa: UP007
+        return typing.Union[tuple(_relaxed(arg, sizes=sizes) for arg in args)]  # noqa: UP007
     return kind
 
 
@@ -106,15 +130,17 @@ def _stored_form(cls: type[Event], *, lean: bool) -> type[Event]:
 
     Records in the log were fully validated when they were appended and are checked by
     CRC when read, while regex checks cost 3x the decode itself, so these subclasses
-    skip the charset patterns (lengths and ranges are still checked). A ``lean`` form
-    also leaves the envelope undecoded (its fields keep their defaults), for the fold,
-    which does not need it. Both are instances of the declared classes, so the fold and
-    everything else treat them alike.
+    skip the charset patterns (lengths and ranges are still checked). Old logs must replay
+    forever, so they also accept what earlier versions appended: times without a zone
+    and free text of any size (:data:`SIZED_SINCE_APPENDED`). Unknown fields (added by a
+    later version) are skipped. A ``lean`` form also leaves the envelope undecoded (its
+    fields keep their defaults), for the fold, which does not need it. Both are instances
+    of the declared classes, so the fold and everything else treat them alike.
     """
     hints = typing.get_type_hints(cls, include_extras=True)
     overrides: list[Any] = []
     for field in msgspec.structs.fields(cls):
-        relaxed = _without_patterns(hints[field.name])
+        relaxed = _relaxed(hints[field.name], sizes=field.name not in SIZED_SINCE_APPENDED)
         if lean and field.name in ENVELOPE:
             # renamed to a key the log never holds, so the decoder skips the real one
             overrides.append(
@@ -145,10 +171,39 @@ def _stored_decoder(*, lean: bool) -> Callable[[bytes], AnyEvent]:
     return decoder.decode
 
 
+class _ImportedPosition(Position, frozen=True, forbid_unknown_fields=True):
+    """A ``position`` in an ``events import`` line (dropped on import), with no unknown keys."""
+
+
+def _import_form(cls: type[Event]) -> type[Event]:
+    """A subclass of ``cls`` for ``events import`` lines, which refuses unknown fields.
+
+    A misspelt optional field (``"tilte"``) would otherwise be dropped without a word.
+    Records in the log are decoded leniently instead (:func:`_stored_form`), so that a
+    field added by a later version does not stop an older one from replaying.
+    """
+    config = cls.__struct_config__
+    imported = msgspec.defstruct(
+        cls.__name__,
+        [("position", _ImportedPosition | None, None)],
+        bases=(cls,),
+        tag=config.tag,
+        frozen=True,
+        kw_only=True,
+        gc=False,
+        forbid_unknown_fields=True,
+        module=cls.__module__,
+    )
+    imported.__qualname__ = f"{cls.__qualname__}.imported"
+    return typing.cast(type[Event], imported)
+
+
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder(AnyEvent)
 _json_encoder = msgspec.json.Encoder()
-_json_decoder = msgspec.json.Decoder(AnyEvent)
+_import_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+    typing.Union[tuple(_import_form(cls) for cls in typing.get_args(AnyEvent))]  # noqa: UP007
+)
 
 encode_event: Callable[[Any], bytes] = _msgpack_encoder.encode
 decode_event: Callable[[bytes], AnyEvent] = _stored_decoder(lean=False)
@@ -171,18 +226,35 @@ def new_event_ids(count: int) -> list[str]:
     return [raw[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
+MESSAGE_CHARS = 160
 _PATH = re.compile(r" - at `\$(?:\[(\d+)\])?\.?([A-Za-z_]*)")
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`", re.DOTALL)
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _field_name(name: str) -> str:
+    """A field name from the input, made safe for a one-line message of bounded size."""
+    if _PLAIN_NAME.fullmatch(name):
+        return name
+    return repr(name[:64]) + ("..." if len(name) > 64 else "")
 
 
 def describe_validation_error(exc: Exception) -> tuple[int | None, str]:
     """Turn msgspec's message into ``(item index, "field: what is wrong")``."""
     text = str(exc)
-    match = _PATH.search(text)
+    at = text.rfind(" - at `$")
+    match = _PATH.match(text, at) if at >= 0 else None
+    what = text[:at] if match else text
+    index = int(match.group(1)) if match and match.group(1) is not None else None
+    parent = match.group(2) if match else ""
+    if unknown := _UNKNOWN.fullmatch(what):
+        name = _field_name(unknown.group(1))
+        return index, f"{parent}.{name}: unknown field" if parent else f"{name}: unknown field"
+    if len(what) > MESSAGE_CHARS:  # e.g. a huge value echoed back by msgspec
+        what = what[:MESSAGE_CHARS] + "..."
     if match is None:
-        return None, text
-    index = int(match.group(1)) if match.group(1) is not None else None
-    field = match.group(2) or "value"
-    return index, f"{field}: {text[: match.start()]}"
+        return None, what
+    return index, f"{parent or 'value'}: {what}"
 
 
 def encode_validated(events: Sequence[AnyEvent], *, what: str = "item") -> list[bytes]:
@@ -212,7 +284,7 @@ def encode_validated(events: Sequence[AnyEvent], *, what: str = "item") -> list[
 def decode_event_json_line(line: bytes, line_number: int) -> AnyEvent:
     """Decode one line of ``events import``; errors name the line."""
     try:
-        event: AnyEvent = _json_decoder.decode(line)
+        event: AnyEvent = _import_decoder.decode(line)
     except msgspec.ValidationError as exc:
         _, message = describe_validation_error(exc)
         raise InvalidInputError(f"line {line_number}: {message}") from None

@@ -8,7 +8,7 @@ property tests check that both agree. No I/O in this module.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from msgspec import Struct, structs
 
@@ -58,6 +58,11 @@ class SessionState(Struct, frozen=True, gc=False):
         )
 
 
+def as_utc(value: datetime) -> datetime:
+    """A time without a zone, as early versions let into logs, read as UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def tombstone(session_id: str) -> SessionState:
     return SessionState(session_id, deleted=True)
 
@@ -82,7 +87,7 @@ def fold(state: SessionState | None, event: AnyEvent) -> SessionState:
             state,
             agent_id=event.agent_id,
             user_id=event.user_id,
-            created_at=event.created_at,
+            created_at=as_utc(event.created_at),
             title=event.title,
         )
     if isinstance(event, TitleChanged):

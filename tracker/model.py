@@ -26,6 +26,13 @@ ConsumerName = Annotated[
 ]
 Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="inclusive offset, 0 <= n < 2**63")]
 Title = Annotated[str, Meta(max_length=200)]
+EventId = Annotated[str, Meta(max_length=64, description="at most 64 chars (new ids: 32 hex)")]
+Actor = Annotated[str, Meta(max_length=200, description="who reset an offset")]
+Reason = Annotated[str, Meta(max_length=1000, description="why an offset was reset")]
+Timestamp = Annotated[
+    datetime, Meta(tz=True, description="ISO 8601 with a time zone, e.g. 2025-01-25T22:41:41Z")
+]
+"""A time that names its zone: naive times cannot be ordered against the tracker's own."""
 ConsumptionOffsets = dict[ConsumerName, Offset]
 
 DEFAULT_CONSUMER = "client"
@@ -42,7 +49,7 @@ class SessionDTO(Struct, frozen=True, omit_defaults=True):
     agent_id: AgentId
     user_id: UserId
     consumption_offsets: ConsumptionOffsets
-    created_at: datetime
+    created_at: Timestamp
     title: Title | None = None
 
 

@@ -1,19 +1,39 @@
-"""Settings: read once from the environment, overridden by CLI flags, frozen. No I/O here."""
+"""Settings: read once from the environment, overridden by CLI flags, frozen. No I/O here.
+
+A bad value is reported under the name the user gave it: the variable for a value read
+by :meth:`Settings.from_env`, the flag (or any label the caller passes) for an override,
+the field for a value passed to the constructor.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tracker.errors import ConfigError
 
-_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_SCHEMES = {"redis", "rediss", "unix"}
+
+ENV = {
+    "data_dir": "TRACKER_DATA_DIR",
+    "redis_url": "TRACKER_REDIS_URL",
+    "kafka_bootstrap": "TRACKER_KAFKA_BOOTSTRAP",
+    "event_topic": "TRACKER_EVENT_TOPIC",
+    "prefix": "TRACKER_PREFIX",
+    "fsync": "TRACKER_FSYNC",
+    "lock_timeout": "TRACKER_LOCK_TIMEOUT",
+    "wait_timeout": "TRACKER_WAIT_TIMEOUT",
+}
+"""The environment variable of each setting."""
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -27,6 +47,19 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected 1/0, true/false, yes/no or on/off, got {raw!r}")
 
 
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 86_400:
+        raise ConfigError(f"{name}: expected seconds (a number from 0 to 86400), got {raw!r}")
+    return value
+
+
 def mask_url(url: str | None) -> str | None:
     """The URL with its password replaced by ``***``, for logs and reprs."""
     if not url:
@@ -36,6 +69,27 @@ def mask_url(url: str | None) -> str | None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _problem(name: str, value: object) -> str | None:
+    """What is wrong with one setting's value, or ``None``."""
+    if name == "prefix" and not (isinstance(value, str) and _PREFIX.fullmatch(value)):
+        return (
+            f"{value!r} must be 1..32 chars of [A-Za-z0-9_.-] "
+            "(no braces: they would change Redis Cluster hash slots)"
+        )
+    if name == "redis_url" and value is not None:
+        url = mask_url(value) if isinstance(value, str) else value
+        if not (isinstance(url, str) and urlsplit(url).scheme in _SCHEMES):
+            return f"{url!r} is not a redis://, rediss:// or unix:// URL"
+    return None
+
+
+def _check(values: Mapping[str, object], names: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` for the first bad value, under its name in ``names``."""
+    for name, value in values.items():
+        if (problem := _problem(name, value)) is not None:
+            raise ConfigError(f"{names.get(name, name)}: {problem}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,23 +107,12 @@ class Settings:
     prefix: str = "trk"
     fsync: bool = True
     lock_timeout: float = 30.0
+    """Seconds an append waits for the log's lock before giving up (retriable)."""
     wait_timeout: float = 30.0
+    """Seconds a command waits for its events to become visible (``wait=True``)."""
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.prefix):
-            raise ConfigError(
-                f"TRACKER_PREFIX: {self.prefix!r} must be 1..32 chars of [A-Za-z0-9_.-] "
-                "(no braces: they would change Redis Cluster hash slots)"
-            )
-        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in {
-            "redis",
-            "rediss",
-            "unix",
-        }:
-            raise ConfigError(
-                f"TRACKER_REDIS_URL: {mask_url(self.redis_url)!r} is not a redis://, rediss:// "
-                "or unix:// URL"
-            )
+        _check({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
 
     def __repr__(self) -> str:
         return (
@@ -80,16 +123,27 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``TRACKER_*`` variables (empty ones count as unset)."""
         env = os.environ if env is None else env
-        return cls(
-            data_dir=Path(env.get("TRACKER_DATA_DIR") or ".tracker"),
-            redis_url=env.get("TRACKER_REDIS_URL") or None,
-            kafka_bootstrap=env.get("TRACKER_KAFKA_BOOTSTRAP") or None,
-            event_topic=env.get("TRACKER_EVENT_TOPIC") or "tracker.session-events",
-            prefix=env.get("TRACKER_PREFIX") or "trk",
-            fsync=_flag(env, "TRACKER_FSYNC", True),
-        )
+        values: dict[str, Any] = {
+            "data_dir": Path(env.get(ENV["data_dir"]) or ".tracker"),
+            "redis_url": env.get(ENV["redis_url"]) or None,
+            "kafka_bootstrap": env.get(ENV["kafka_bootstrap"]) or None,
+            "event_topic": env.get(ENV["event_topic"]) or "tracker.session-events",
+            "prefix": env.get(ENV["prefix"]) or "trk",
+            "fsync": _flag(env, ENV["fsync"], True),
+            "lock_timeout": _seconds(env, ENV["lock_timeout"], 30.0),
+            "wait_timeout": _seconds(env, ENV["wait_timeout"], 30.0),
+        }
+        _check(values, ENV)
+        return cls(**values)
 
-    def with_overrides(self, **changes: object) -> Settings:
-        """A copy with the given non-``None`` values replaced (CLI flags win over the env)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+    def with_overrides(self, *, names: Mapping[str, str] | None = None, **changes: Any) -> Settings:
+        """A copy with the given non-``None`` values replaced (CLI flags win over the env).
+
+        ``names`` says what to call each setting in an error, e.g. ``{"prefix": "--prefix"}``
+        for a flag; by default it is the field's name.
+        """
+        given = {name: value for name, value in changes.items() if value is not None}
+        _check(given, names or {})
+        return replace(self, **given)
