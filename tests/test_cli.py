@@ -1316,3 +1316,15 @@ def test_console_script_with_embedded_redis(tmp_path: Path) -> None:
     assert log.count("ready to exit, bye bye") == len(runs), log[-2000:]
     assert not EmbeddedRedis(redis_dir).socket.exists()
     assert (redis_dir / "appendonlydir").is_dir(), "the embedded Redis persists (AOF)"
+
+
+def test_a_commit_to_a_deleted_session_says_it_changed_nothing(cli: Cli) -> None:
+    cli.create("del-1")
+    cli.ok("sessions", "delete", "del-1")
+    result = cli.ok("offsets", "commit", "del-1", "client", "4", "--allow-unknown")
+    assert result.stdout.splitlines() == [
+        "deleted: session del-1 was deleted; offset 4 recorded, nothing changed"
+    ]
+    shown = cli.json("offsets", "commit", "del-1", "client", "5", "--allow-unknown", "--json")
+    assert (shown["changed"], shown["deleted"], shown["current"]) == (False, True, None)
+    cli.fails(1, "offsets", "commit", "del-1", "client", "6")

@@ -409,6 +409,11 @@ def offsets_commit(
     )
     if as_json:
         cli.json_line(commit_json(result))
+    elif result.deleted:
+        cli.say(
+            f"deleted: session {session_id} was deleted; offset {result.offset} recorded, "
+            "nothing changed"
+        )
     elif result.stale:
         cli.say(
             f"stale: {consumer} is already at {result.previous} for session {session_id}; "
@@ -429,6 +434,7 @@ def commit_json(result: CommitResult) -> dict[str, object]:
         "current": result.current,
         "changed": result.changed,
         "stale": result.stale,
+        "deleted": result.deleted,
         "position": result.position,
     }
 
