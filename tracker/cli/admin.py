@@ -1,0 +1,82 @@
+"""Operators' commands: ``replay``, ``verify`` and ``demo``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tracker.cli.app import EXIT_FAILED, main
+from tracker.cli.output import Cli, json_option, pass_cli
+
+
+@main.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the projection even if it is another log's (two data dirs, one prefix).",
+)
+@json_option
+@pass_cli
+def replay(cli: Cli, force: bool, as_json: bool) -> None:
+    """Rebuild the Redis projection from the start of the log (into a new generation).
+
+    Other processes may keep reading and writing: the new generation is promoted
+    atomically and they rebind by themselves.
+    """
+    tracker = cli.tracker(catch_up=False)
+    with cli.progress("replaying", tracker.event_count()) as advance:
+        report = tracker.replay(advance, force=force)
+    if as_json:
+        cli.json_line(report)
+        return
+    cli.say(
+        f"replayed {report.events} events into {report.sessions} sessions in "
+        f"{report.seconds:.2f} s ({report.rate:,.0f} events/s)"
+    )
+
+
+@main.command()
+@json_option
+@pass_cli
+def verify(cli: Cli, as_json: bool) -> None:
+    """Fold the log in memory and compare every session with Redis (exit 1 on drift)."""
+    tracker = cli.tracker(catch_up=False)
+    with cli.progress("verifying", tracker.event_count()) as advance:
+        report = tracker.verify(advance)
+    if as_json:
+        cli.json_line(report)
+    else:
+        for difference in report.differences:
+            cli.say(f"{difference.session_id}: {difference.problem}")
+        cli.say(f"verify: {len(report.differences)} differences")
+    if report.differences:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option(
+    "--sessions",
+    "session_count",
+    type=click.IntRange(min=1),
+    default=3000,
+    show_default=True,
+    help="Sessions (at least 1).",
+)
+@click.option(
+    "--commits",
+    type=click.IntRange(min=1),
+    default=300_000,
+    show_default=True,
+    help="Offset commits (at least 1).",
+)
+@click.option("--seed", default=7, show_default=True, help="Random seed of the workload.")
+@pass_cli
+def demo(cli: Cli, session_count: int, commits: int, seed: int) -> None:
+    """Run a realistic workload on a fresh embedded tracker, then wipe, replay and verify.
+
+    Uses a temporary data dir and its own embedded Redis, whatever is configured.
+    """
+    from tracker.demo import run_demo
+
+    run_demo(cli.out, sessions=session_count, commits=commits, seed=seed)
