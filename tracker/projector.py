@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 from tracker.errors import (
     CheckpointConflictError,
@@ -116,16 +117,24 @@ class Projector:
                 self.target.ensure(self.log.log_id, self.log.partitions)
             return sum(self._catch_up(p, progress) for p in range(self.log.partitions))
 
-    def catch_up_partition(self, partition: int, progress: Progress | None = None) -> int:
+    def catch_up_partition(
+        self, partition: int, progress: Progress | None = None, *, batches: int | None = None
+    ) -> int:
+        """Apply one partition up to its end (or ``batches`` batches); how many records."""
         with self._mutex:
-            return self._catch_up(partition, progress)
+            return self._catch_up(partition, progress, batches)
 
-    def _catch_up(self, partition: int, progress: Progress | None = None) -> int:
+    def _catch_up(
+        self, partition: int, progress: Progress | None = None, batches: int | None = None
+    ) -> int:
         applied = 0
-        while True:
+        merged = 0
+        while batches is None or merged < batches:
             store = self.store
             try:
                 token = store.checkpoint(partition)
+                if not token and self._projection_lost():
+                    continue
                 partial = parse_partial(token)
                 if partial is not None:
                     applied += self._finish_partial(store, partition, *partial)
@@ -147,6 +156,16 @@ class Projector:
             except CheckpointConflictError:
                 continue
             applied += read
+            merged += 1
+        return applied
+
+    def _projection_lost(self) -> bool:
+        """At the start of the log: is it because Redis lost everything? Then start over."""
+        target = self.target
+        if not isinstance(target, Generations) or target.read() is not None:
+            return False
+        target.ensure(self.log.log_id, self.log.partitions)
+        return True
 
     def apply_appended(self, appended: Appended, folder: BatchFolder) -> None:
         """Project what this process just appended, without reading it back if it can.
@@ -208,6 +227,48 @@ class Projector:
             partition, deltas, after=after, upto=upto, chunk_sessions=size, first_chunk=chunk + 1
         )
         return len(events)
+
+
+class Tailer:
+    """``tracker project``: keep applying the log as it grows, until told to stop.
+
+    ``partitions`` says which partitions this process works on (all of them for the file
+    log; a consumer group's assignment with Kafka), asked again at every round. Batches
+    are bounded (``batch_records``) so that a live log is applied with little delay, and
+    a crash costs at most one batch of work, which the fence makes safe to redo.
+    """
+
+    def __init__(
+        self,
+        projector: Projector,
+        partitions: Callable[[], Iterable[int]],
+        *,
+        idle_seconds: float = 0.05,
+        report: Callable[[], None] | None = None,
+        report_seconds: float = 10.0,
+    ) -> None:
+        self.projector = projector
+        self.partitions = partitions
+        self.idle_seconds = idle_seconds
+        self.report = report
+        self.report_seconds = report_seconds
+        self.stop = threading.Event()
+
+    def run(self, *, once: bool = False) -> int:
+        """Apply until :attr:`stop` is set (or, with ``once``, until caught up); the count."""
+        applied = 0
+        next_report = time.monotonic() + self.report_seconds
+        while not self.stop.is_set():
+            done = sum(self.projector.catch_up_partition(p, batches=1) for p in self.partitions())
+            applied += done
+            if self.report is not None and (once or time.monotonic() >= next_report):
+                self.report()
+                next_report = time.monotonic() + self.report_seconds
+            if once and not done:
+                break
+            if not done:
+                self.stop.wait(self.idle_seconds)
+        return applied
 
 
 class BackgroundProjector:

@@ -46,12 +46,13 @@ from tracker.fold import BatchFolder, SessionState
 from tracker.generations import Generations
 from tracker.logs import Appended, LogBackend, events_of, open_log
 from tracker.model import AgentId, ConsumerName, Offset, SessionDTO, SessionId, Title, checked
-from tracker.projector import BackgroundProjector, Progress, Projector
+from tracker.projector import BackgroundProjector, Progress, Projector, Tailer
 from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
 from tracker.results import AppendResult, CommitResult, ResetPlan
 from tracker.settings import Settings, mask_url
 from tracker.snapshots import SnapshotStore, check_redis
+from tracker.status import Status, status
 from tracker.writer import Commit, Writer
 
 log = logging.getLogger("tracker")
@@ -528,6 +529,23 @@ class Tracker:
         report = replay(self._log, self.generations, progress=progress, force=force)
         self._foreign = None
         return report
+
+    @_open_only
+    def status(self) -> Status:
+        """Per partition: the log's end, the applied checkpoint and the lag."""
+        self._check_projection()
+        return status(self._log, self.generations.store)
+
+    @_open_only
+    def tailer(
+        self, *, report: Callable[[], None] | None = None, report_seconds: float = 10.0
+    ) -> Tailer:
+        """A long-running projector over every partition of the log (``tracker project``)."""
+        self._check_projection()
+        partitions = range(self._log.partitions)
+        return Tailer(
+            self.projector, lambda: partitions, report=report, report_seconds=report_seconds
+        )
 
     @_open_only
     def verify(self, progress: Progress | None = None) -> VerifyReport:
