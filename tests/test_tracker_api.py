@@ -856,3 +856,28 @@ def test_replay_on_a_flushed_redis_does_the_work_once(
     assert report.events > 0
     others = [key for key in keys if not key.startswith(f"trk:g{generation}:")]
     assert others == [], "opening for a replay projected nothing into another generation"
+
+
+@pytest.mark.parametrize("bad", ["abc\n", "x" * 64 + "\n", "abc\r", "\nabc"])
+def test_a_trailing_newline_is_not_part_of_a_valid_id(tracker: Tracker, bad: str) -> None:
+    """``$`` matches before a final newline; the id patterns must not let one through."""
+    with pytest.raises(InvalidInputError, match="session_id"):
+        tracker.create_session("agent", "user", session_id=bad)
+    with pytest.raises(InvalidInputError, match="agent_id"):
+        tracker.create_session(bad, "user")
+    with pytest.raises(InvalidInputError, match="consumer"):
+        tracker.commit_many([("abc", bad, 1)])
+    assert tracker.event_count() == 0
+
+
+def test_a_session_with_thousands_of_consumers_replays(tracker: Tracker) -> None:
+    """One delta with 9,000 consumers: more values than Lua's unpack() takes at once."""
+    create(tracker, "wide")
+    for start in range(0, 9000, 3000):
+        tracker.commit_many([("wide", f"c{i}", i) for i in range(start, start + 3000)])
+    tracker.commit_many([("wide", f"d{i}", 1) for i in range(9000)])
+    report = tracker.replay()
+    assert report.sessions == 1
+    offsets = tracker.offsets("wide")
+    assert len(offsets) == 18000 and offsets["c8999"] == 8999 and offsets["d0"] == 1
+    assert tracker.verify().differences == []

@@ -16,6 +16,8 @@
 --   title   t? is '1' to set t, '0' to clear the title
 -- Returns {1, new checkpoint} when applied, {0, current checkpoint} when fenced out.
 
+local SLICE = 1000  -- fields per HMGET/HSET: unpack() of thousands of values overflows Lua's stack
+
 local current = redis.call('GET', KEYS[1]) or ''
 if current ~= ARGV[1] then
   return {0, current}
@@ -39,7 +41,13 @@ while i <= last do
     title = i
     i = i + 2
   end
-  local stored = redis.call('HMGET', key, 'd', 'c', unpack(delta, fields, fields + n - 1))
+  local stored = redis.call('HMGET', key, 'd', 'c')
+  for from = fields, fields + n - 1, SLICE do
+    local values = redis.call('HMGET', key, unpack(delta, from, math.min(from + SLICE, fields + n) - 1))
+    for j = 1, #values do
+      stored[#stored + 1] = values[j] or false
+    end
+  end
   if not stored[1] then
     if flags == 'x' then
       redis.call('DEL', key)
@@ -78,8 +86,8 @@ while i <= last do
           size = size + 2
         end
       end
-      if size > 0 then
-        redis.call('HSET', key, unpack(out))
+      for from = 1, size, 2 * SLICE do
+        redis.call('HSET', key, unpack(out, from, math.min(from + 2 * SLICE, size + 1) - 1))
       end
     end
   end

@@ -17,12 +17,12 @@ from tracker.errors import InvalidInputError
 MAX_OFFSET = 2**63 - 1
 
 SessionId = Annotated[
-    str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="1..64 chars of [A-Za-z0-9_-]")
+    str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z", description="1..64 chars of [A-Za-z0-9_-]")
 ]
 AgentId = SessionId
 UserId = SessionId
 ConsumerName = Annotated[
-    str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="1..64 chars of [A-Za-z0-9_.-]")
+    str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z", description="1..64 chars of [A-Za-z0-9_.-]")
 ]
 Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET, description="inclusive offset, 0 <= n < 2**63")]
 Title = Annotated[str, Meta(max_length=200)]
