@@ -239,3 +239,32 @@ def test_export_and_verify_on_a_read_only_data_dir(tmp_path: Path) -> None:
         assert refused.returncode != 0
         assert len(refused.stderr.splitlines()) == 1 and "Traceback" not in refused.stderr
     assert sorted(str(p) for p in data_dir.rglob("*")) == listing
+
+
+def test_replays_racing_each_other_leave_a_working_projection(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    data_dir = tmp_path / "data"
+    env = env_for(data_dir, TRACKER_REDIS_URL=redis_url, TRACKER_PREFIX=prefix)
+    settings = Settings(data_dir=data_dir, redis_url=redis_url, prefix=prefix, fsync=False)
+    with Tracker.open(settings=settings) as tracker:
+        for i in range(100):
+            tracker.create_session("agent", "user", session_id=f"rr{i}")
+        tracker.commit_many([(f"rr{i}", "client", k) for k in range(30) for i in range(100)])
+    for round_ in range(4):
+        replays = [
+            subprocess.Popen(
+                [TRACKER, "replay"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        for process in replays:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err.decode()
+        assert json.loads(run_cli(["offsets", "show", "rr7", "--json"], env).stdout) == {
+            "client": 29 + round_
+        }
+        assert (
+            run_cli(["offsets", "commit", "rr7", "client", str(30 + round_)], env).returncode == 0
+        )
+        assert run_cli(["verify"], env).stdout.splitlines()[-1] == "verify: 0 differences"

@@ -40,6 +40,7 @@ from tracker.events import (
 )
 from tracker.logs.file import FileLog
 from tracker.model import MAX_OFFSET
+from tracker.rebuild import ReplayReport
 
 ID = re.compile(r"^[A-Za-z0-9]{10}$")
 
@@ -881,3 +882,27 @@ def test_a_session_with_thousands_of_consumers_replays(tracker: Tracker) -> None
     offsets = tracker.offsets("wide")
     assert len(offsets) == 18000 and offsets["c8999"] == 8999 and offsets["d0"] == 1
     assert tracker.verify().differences == []
+
+
+def test_a_replay_overtaken_by_another_is_superseded_not_promoted(
+    private_settings: Settings,
+) -> None:
+    """Two replays at once: the newer generation wins, the active one is never retired."""
+    with Tracker.open(settings=private_settings) as tracker:
+        ids = populate(tracker)
+        before = snapshot(tracker, ids)
+        overtaken: list[ReplayReport] = []
+
+        def overtake(_: int) -> None:
+            if not overtaken:
+                with Tracker(private_settings, catch_up=False) as other:
+                    overtaken.append(other.replay())
+
+        slow = tracker.replay(overtake)
+        assert overtaken and not overtaken[0].superseded
+        assert slow.superseded
+        assert slow.generation == overtaken[0].generation
+        assert snapshot(tracker, ids) == before
+        tracker.commit("sess-a", "client", 99)
+        assert tracker.offsets("sess-a")["client"] == 99
+        assert tracker.verify().differences == []

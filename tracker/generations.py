@@ -16,6 +16,7 @@ log by whoever projects.
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import cast
 
@@ -26,12 +27,25 @@ from tracker.errors import SnapshotStoreError
 from tracker.keys import Keys
 from tracker.snapshots import READ_CHUNK, RETIRED, SCHEMA_VERSION, SnapshotStore, redis_boundary
 
-_CREATE_META = """
-if redis.call('HEXISTS', KEYS[1], 'generation') == 0 then
-  redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'next_generation', ARGV[1],
-             'log_id', ARGV[2], 'partitions', ARGV[3], 'schema', ARGV[4])
+_BEGIN = """
+local n = redis.call('HINCRBY', KEYS[1], 'next_generation', 1)
+local active = redis.call('HGET', KEYS[1], 'generation') or '0'
+local floor = math.max(tonumber(ARGV[1]), tonumber(active))
+if n <= floor then
+  n = floor + 1
+  redis.call('HSET', KEYS[1], 'next_generation', n)
 end
-return redis.call('HGETALL', KEYS[1])
+return n
+"""
+
+_PROMOTE = """
+local active = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if active >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'log_id', ARGV[2], 'partitions', ARGV[3],
+           'schema', ARGV[4])
+return 1
 """
 
 
@@ -64,7 +78,8 @@ class Generations:
         self.client = client
         self.prefix = prefix
         self.meta_key = Keys.meta(prefix)
-        self._create = client.register_script(_CREATE_META)
+        self._begin = client.register_script(_BEGIN)
+        self._promote = client.register_script(_PROMOTE)
         self._mutex = threading.Lock()
         self.meta: Meta | None = None
         self._store: SnapshotStore | None = None
@@ -81,19 +96,6 @@ class Generations:
     @redis_boundary("reading the projection's meta hash")
     def read(self) -> Meta | None:
         return _parse(cast(dict[str, str], self.client.hgetall(self.meta_key)))
-
-    @redis_boundary("creating the projection's meta hash")
-    def ensure(self, log_id: str, partitions: int) -> Meta:
-        """The meta hash, created (atomically, once) if there is none; binds to it."""
-        bound = self.meta.generation if self.meta is not None else 0
-        counter = self.client.hget(self.meta_key, "next_generation")
-        fresh = max(bound, int(counter or 0)) + 1
-        raw = self._create(keys=[self.meta_key], args=[fresh, log_id, partitions, SCHEMA_VERSION])
-        values = dict(zip(raw[::2], raw[1::2], strict=True))
-        meta = _parse(values)
-        assert meta is not None
-        self._bind(meta)
-        return meta
 
     def refresh(self) -> bool:
         """Re-read the meta hash and rebind if the active generation changed; False if none."""
@@ -120,47 +122,52 @@ class Generations:
     @redis_boundary("starting a new generation")
     def begin(self, partitions: int) -> SnapshotStore:
         """An empty store for a new generation, above every generation ever used here."""
-        generation = int(self.client.hincrby(self.meta_key, "next_generation", 1))
-        meta = self.read()
-        floor = max(meta.generation if meta else 0, self.meta.generation if self.meta else 0)
-        if generation <= floor:
-            generation = floor + 1
-            self.client.hset(self.meta_key, "next_generation", generation)
+        bound = self.meta.generation if self.meta is not None else 0
+        generation = int(self._begin(keys=[self.meta_key], args=[bound]))
         store = SnapshotStore(self.client, Keys(self.prefix, generation, partitions))
         store.drop()
         return store
 
     @redis_boundary("promoting the new generation")
-    def promote(self, store: SnapshotStore, log_id: str) -> None:
-        """Make ``store``'s generation the active one, then retire every other generation."""
+    def promote(self, store: SnapshotStore, log_id: str) -> bool:
+        """Make ``store``'s generation the active one, unless a newer one already is.
+
+        Generations only move forward, so of two replays running at once the later one
+        wins and the other's work is retired: never an active generation that another
+        replay retired. Binds to whichever generation is active afterwards.
+        """
         keys = store.keys
-        self.client.hset(
-            self.meta_key,
-            mapping={
-                "generation": str(keys.generation),
-                "log_id": log_id,
-                "partitions": str(keys.partitions),
-                "schema": SCHEMA_VERSION,
-            },
+        promoted = bool(
+            self._promote(
+                keys=[self.meta_key],
+                args=[keys.generation, log_id, keys.partitions, SCHEMA_VERSION],
+            )
         )
-        self._bind(Meta(keys.generation, log_id, keys.partitions))
+        self.refresh()
+        return promoted
 
     @redis_boundary("retiring old generations")
-    def retire_others(self) -> int:
-        """Poison every other generation's checkpoints, then drop the rest of its keys."""
+    def retire_older(self) -> int:
+        """Poison the checkpoints of every generation older than the active one, then drop
+        their other keys. Newer ones (a replay still running) are left alone."""
         meta = self.meta
         assert meta is not None
-        keep = f"{self.prefix}:g{meta.generation}:"
+        pattern = re.compile(rf"{re.escape(self.prefix)}:g(\d+):")
+
+        def older(key: str) -> bool:
+            match = pattern.match(key)
+            return match is not None and int(match.group(1)) < meta.generation
+
         pipe = self.client.pipeline(transaction=False)
         for key in self.client.scan_iter(match=f"{self.prefix}:g*:cp", count=READ_CHUNK):
-            if not str(key).startswith(keep):
+            if older(str(key)):
                 pipe.set(key, RETIRED)
         pipe.execute()
         removed = 0
         pending: list[str] = []
         for key in self.client.scan_iter(match=f"{self.prefix}:g*", count=READ_CHUNK):
             name = str(key)
-            if not name.startswith(keep) and not name.endswith(":cp"):
+            if older(name) and not name.endswith(":cp"):
                 pending.append(name)
             if len(pending) >= READ_CHUNK:
                 removed += int(self.client.unlink(*pending))

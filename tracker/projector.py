@@ -107,14 +107,40 @@ class Projector:
         target = self.target
         if not isinstance(target, Generations):
             raise error
+        retired = self.store.keys.generation
         if not target.refresh():
-            target.ensure(self.log.log_id, self.log.partitions)
+            self.ensure_projection()
+        elif target.store.keys.generation == retired:
+            raise SnapshotStoreError(
+                f"the active generation {retired} of the projection was retired; "
+                "run `tracker replay` to rebuild it"
+            ) from error
+
+    def ensure_projection(self) -> bool:
+        """If Redis holds no projection (a first start, or it lost everything), build one.
+
+        Built as a replay builds it: into a new generation from the start of the log,
+        then promoted, so no reader sees a half-built projection. True if it built one.
+        """
+        target = self.target
+        if not isinstance(target, Generations):
+            return False
+        with self._mutex:
+            if target.refresh():
+                return False
+            store = target.begin(self.log.partitions)
+            try:
+                Projector(self.log, store, chunk_sessions=self.chunk_sessions).catch_up()
+                target.promote(store, self.log.log_id)
+            finally:
+                store.close()
+            target.retire_older()
+            return True
 
     def catch_up(self, progress: Progress | None = None) -> int:
         """Apply everything up to the end of the log; returns how many records were applied."""
         with self._mutex:
-            if isinstance(self.target, Generations) and not self.target.refresh():
-                self.target.ensure(self.log.log_id, self.log.partitions)
+            self.ensure_projection()
             return sum(self._catch_up(p, progress) for p in range(self.log.partitions))
 
     def catch_up_partition(
@@ -160,12 +186,11 @@ class Projector:
         return applied
 
     def _projection_lost(self) -> bool:
-        """At the start of the log: is it because Redis lost everything? Then start over."""
+        """At the start of the log: is it because Redis lost everything? Then rebuild."""
         target = self.target
         if not isinstance(target, Generations) or target.read() is not None:
             return False
-        target.ensure(self.log.log_id, self.log.partitions)
-        return True
+        return self.ensure_projection()
 
     def apply_appended(self, appended: Appended, folder: BatchFolder) -> None:
         """Project what this process just appended, without reading it back if it can.
@@ -256,6 +281,7 @@ class Tailer:
 
     def run(self, *, once: bool = False) -> int:
         """Apply until :attr:`stop` is set (or, with ``once``, until caught up); the count."""
+        self.projector.ensure_projection()
         applied = 0
         next_report = time.monotonic() + self.report_seconds
         while not self.stop.is_set():

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 from msgspec import Struct
 
-from tracker.errors import SnapshotStoreError
+from tracker.errors import GenerationRetiredError, SnapshotStoreError
 from tracker.events import Position, decode_event_lean
 from tracker.fold import SessionState, fold_all, visible
 from tracker.generations import Generations
@@ -29,6 +29,10 @@ class ReplayReport(Struct, frozen=True):
     sessions: int
     seconds: float
     redis_calls: int
+    generation: int
+    """The generation active afterwards."""
+    superseded: bool = False
+    """A replay that ran at the same time promoted a newer generation; this one's was retired."""
 
     @property
     def rate(self) -> float:
@@ -78,14 +82,22 @@ def replay(
     started = time.perf_counter()
     store = generations.begin(log.partitions)
     projector = Projector(log, store)
-    events = projector.catch_up(progress)
-    with _appends_held(log):
-        events += projector.catch_up(progress)
-        generations.promote(store, log.log_id)
+    try:
+        events = projector.catch_up(progress)
+        with _appends_held(log):
+            events += projector.catch_up(progress)
+            promoted = generations.promote(store, log.log_id)
+    except GenerationRetiredError:
+        promoted = False  # a newer replay promoted its generation and retired this one
+        events = 0
+    finally:
+        store.close()
     seconds = time.perf_counter() - started
-    calls = store.calls
-    generations.retire_others()
-    return ReplayReport(events, store.count(), seconds, calls)
+    generations.retire_older()
+    active = generations.store
+    return ReplayReport(
+        events, active.count(), seconds, store.calls, active.keys.generation, not promoted
+    )
 
 
 def _appends_held(log: LogBackend) -> AbstractContextManager[object]:

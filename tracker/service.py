@@ -52,7 +52,7 @@ from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, repl
 from tracker.results import AppendResult, CommitResult, ResetPlan
 from tracker.settings import Settings, mask_url
 from tracker.snapshots import SnapshotStore, check_redis
-from tracker.status import Status, status
+from tracker.status import Status, status, unprojected
 from tracker.writer import Commit, Writer
 
 log = logging.getLogger("tracker")
@@ -108,11 +108,11 @@ class Tracker:
             for warning in self.warnings:
                 log.warning("%s", warning)
             self._generations = Generations(self._client, settings.prefix)
-            self._bind()
             self.writer = Writer(self._log)
             self.projector = Projector(self._log, self._generations)
             self.reader = Reader(self._generations, on_lost=self._rebuild_lost)
             self._background = BackgroundProjector(self.projector)
+            self._bind(catch_up=catch_up)
             if catch_up and self._foreign is None:
                 self.projector.catch_up()
         except BaseException:
@@ -186,8 +186,9 @@ class Tracker:
             ) from exc
         return client
 
-    def _bind(self) -> None:
-        """Bind to the active generation (creating the meta hash), and check it is this log's."""
+    def _bind(self, *, catch_up: bool) -> None:
+        """Bind to the active generation (built first if there is none and ``catch_up``),
+        and check that it is this log's projection."""
         generations = self.generations
         self._foreign = foreign_projection(generations, self._log)
         if self._foreign is not None:
@@ -197,7 +198,10 @@ class Tracker:
             )
             generations.refresh()
             return
-        generations.ensure(self._log.log_id, self._log.partitions)
+        if not generations.refresh():
+            if catch_up:
+                self.projector.ensure_projection()
+            return
         for partition in range(self._log.partitions):
             applied = generations.store.applied(partition)
             end = self._log.end(partition)
@@ -209,9 +213,9 @@ class Tracker:
                 )
 
     def _rebuild_lost(self) -> None:
-        """Redis lost the projection (restarted empty): rebuild it from the log."""
-        log.warning("Redis holds no projection any more; rebuilding it from the log")
-        self.projector.catch_up()
+        """Redis holds no projection (it restarted empty): rebuild it from the log."""
+        if self.projector.ensure_projection():
+            log.warning("Redis held no projection; it was rebuilt from the log")
 
     @property
     def generations(self) -> Generations:
@@ -534,6 +538,8 @@ class Tracker:
     def status(self) -> Status:
         """Per partition: the log's end, the applied checkpoint and the lag."""
         self._check_projection()
+        if not self.generations.refresh():  # nothing projected yet: generation 0
+            return Status(0, [unprojected(self._log, p) for p in range(self._log.partitions)])
         return status(self._log, self.generations.store)
 
     @_open_only

@@ -38,6 +38,12 @@ def partition_status(log: LogBackend, store: SnapshotStore, partition: int) -> P
     )
 
 
+def unprojected(log: LogBackend, partition: int) -> PartitionStatus:
+    """A partition of which nothing is applied (Redis holds no projection yet)."""
+    end = log.end(partition)
+    return PartitionStatus(partition, end.token() if end else None, None, log.count(partition))
+
+
 def status(log: LogBackend, store: SnapshotStore) -> Status:
     """The status of every partition of ``log`` in ``store``'s generation."""
     return Status(

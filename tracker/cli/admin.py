@@ -34,6 +34,12 @@ def replay(cli: Cli, force: bool, as_json: bool) -> None:
     if as_json:
         cli.json_line(report)
         return
+    if report.superseded:
+        cli.say(
+            f"a replay running at the same time promoted generation {report.generation}; "
+            "it holds the whole log, this one's work was dropped"
+        )
+        return
     cli.say(
         f"replayed {report.events} events into {report.sessions} sessions in "
         f"{report.seconds:.2f} s ({report.rate:,.0f} events/s)"
