@@ -13,7 +13,7 @@ from tracker.errors import LogCorruptError, LogError
 from tracker.events import Position
 from tracker.logs import Batch
 from tracker.logs.file import FileLog
-from tracker.logs.frames import HEADER, SEGMENT_SUFFIX
+from tracker.logs.frames import HEADER, SEGMENT_SUFFIX, encode_frame
 
 
 def records(start: int, count: int) -> list[bytes]:
@@ -360,3 +360,22 @@ def test_an_unreadable_identity_file_is_refused(log_dir: Path) -> None:
     (log_dir / "log.json").write_text("{not json")
     with pytest.raises(LogCorruptError, match=r"log\.json"):
         FileLog(log_dir)
+
+
+def test_a_torn_frame_whose_payload_looks_like_a_frame_is_still_a_torn_tail(
+    log_dir: Path,
+) -> None:
+    """User text can hold any bytes, a whole CRC-valid frame too: it must not turn a torn
+    write into "damage in the middle" (which would refuse the log for good)."""
+    forged = encode_frame(7, [b"forged"]).decode("latin-1")
+    with FileLog(log_dir) as log:
+        log.append(0, records(0, 3))
+        log.append(0, [b"title:" + forged.encode("latin-1") + b"|" + b"x" * 200])
+    (segment,) = segments(log_dir)
+    data = segment.read_bytes()
+    last = data.rindex(b"TRKF", 0, data.index(b"title:"))
+    with open(segment, "r+b") as file:
+        file.truncate(data.index(b"|", last) + 10)  # torn after the forged frame
+    with FileLog(log_dir) as log:
+        assert log.repaired is not None
+        assert read_all(log) == records(0, 3)

@@ -19,6 +19,7 @@ from tests.services import read_only_tree, stop_process, without_write_access
 from tracker.errors import LogLockedError, LogNotFoundError
 from tracker.events import Position
 from tracker.logs.file import FileLog
+from tracker.logs.frames import MORE, encode_records, frame_of
 
 
 def records(tag: str, count: int) -> list[bytes]:
@@ -180,8 +181,8 @@ def test_a_streamed_append_is_split_into_frames_that_count_as_one(tmp_path: Path
         assert read_all(log) == records("x", 3) + records("y", 7)
 
 
-def test_an_append_killed_mid_stream_is_cut_and_never_read(tmp_path: Path) -> None:
-    """kill -9 between frames of one append: readers skip the group; the next writer cuts it."""
+def test_an_import_killed_while_streaming_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    """The input is spooled before the lock is taken: a kill -9 meanwhile touches nothing."""
     directory = tmp_path / "log"
     with FileLog(directory) as log:
         log.append(0, [b"before"])
@@ -205,36 +206,67 @@ def test_an_append_killed_mid_stream_is_cut_and_never_read(tmp_path: Path) -> No
         while not started.exists():
             assert writer.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        with FileLog(directory, lock_timeout=0.2) as reader:
-            assert read_all(reader) == [b"before"], "an unfinished append is invisible"
+        with FileLog(directory, lock_timeout=0.2) as other:
+            other.append(0, [b"meanwhile"])  # the lock is free while the input streams in
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait()
     finally:
         stop_process(writer)
     with FileLog(directory) as log:
-        assert log.repaired is not None and "unfinished append" in log.repaired
-        assert read_all(log) == [b"before"]
-        log.append(0, [b"after"])
-    with FileLog(directory) as log:
         assert log.repaired is None
-        assert read_all(log) == [b"before", b"after"]
+        assert read_all(log) == [b"before", b"meanwhile"]
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["00000000000000000000.seg", "LOCK", "log.json"], "no spool left behind"
 
 
-def test_a_write_that_fails_midway_appends_nothing(tmp_path: Path) -> None:
-    """A full disk (here: the file size limit) fails the append as a whole, with a clear error."""
+def test_an_append_cut_short_between_its_frames_is_never_read_and_is_cut(tmp_path: Path) -> None:
+    """What kill -9 between two frames of one append leaves: frames marked "more follows"."""
     directory = tmp_path / "log"
     with FileLog(directory) as log:
         log.append(0, [b"before"])
+    (segment,) = directory.glob("*.seg")
+    with open(segment, "ab") as file:
+        file.write(frame_of(1, encode_records([b"x", b"y"]), 2, MORE))
+        file.write(frame_of(2, encode_records([b"z"]), 1, MORE))
+    with FileLog(directory, lock_timeout=0.2) as log:
+        log.append(0, [b"held"])  # this process's index is not fooled either
+    with FileLog(directory) as log:
+        assert read_all(log) == [b"before", b"held"]
+        assert log.append(0, [b"after"]).count == 1
+        assert read_all(log) == [b"before", b"held", b"after"]
+
+
+def test_a_reader_skips_an_unfinished_append_that_a_writer_then_cuts(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    with FileLog(directory) as log:
+        log.append(0, [b"before"])
+        (segment,) = directory.glob("*.seg")
+        with open(segment, "ab") as file:
+            file.write(frame_of(1, encode_records([b"x"]), 1, MORE))
+        assert read_all(log) == [b"before"], "never indexed"
+        log.append(0, [b"after"])
+        assert log.repaired is not None and "unfinished append of 1 frames" in log.repaired
+        assert read_all(log) == [b"before", b"after"]
+
+
+@pytest.mark.parametrize("where", ["spooling", "appending"])
+def test_a_write_that_fails_midway_appends_nothing(tmp_path: Path, where: str) -> None:
+    """A full disk (here: the file size limit) fails the append as a whole, with a clear
+    error: while the input is spooled, or while its frames go into the log."""
+    directory = tmp_path / "log"
+    with FileLog(directory) as log:
+        log.append(0, [b"x" * 100] * 30_000)
     size = sum(p.stat().st_size for p in directory.glob("*.seg"))
+    limit = 2_000_000 if where == "spooling" else size + 1_000_000
     code = f"""
         import pathlib, resource, signal
         from tracker.errors import LogError
         from tracker.logs.file import FileLog
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, ({size} + 200_000, {size} + 200_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
         log = FileLog(pathlib.Path({str(directory)!r}), max_frame_records=1000)
         try:
-            log.append_stream(0, ([b"x" * 100] * 1000 for _ in range(10)))
+            log.append_stream(0, ([b"y" * 100] * 1000 for _ in range(25)))
         except LogError as error:
             print(error)
         """
@@ -245,7 +277,7 @@ def test_a_write_that_fails_midway_appends_nothing(tmp_path: Path) -> None:
     assert sum(p.stat().st_size for p in directory.glob("*.seg")) == size
     with FileLog(directory) as log:
         assert log.repaired is None
-        assert read_all(log) == [b"before"]
+        assert log.count(0) == 30_000
 
 
 def test_a_missing_log_is_not_created_when_asked_not_to(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -268,3 +268,45 @@ def test_replays_racing_each_other_leave_a_working_projection(
             run_cli(["offsets", "commit", "rr7", "client", str(30 + round_)], env).returncode == 0
         )
         assert run_cli(["verify"], env).stdout.splitlines()[-1] == "verify: 0 differences"
+
+
+def test_two_data_dirs_racing_for_a_fresh_prefix_get_one_projection(
+    tmp_path: Path, redis_url: str, make_prefix: Callable[[], str]
+) -> None:
+    """Whoever promotes first owns the prefix; the other is refused, never merged into it."""
+    for round_ in range(6):
+        prefix = make_prefix()
+        racers = [
+            subprocess.Popen(
+                [
+                    TRACKER,
+                    "sessions",
+                    "create",
+                    "--agent-id",
+                    "a",
+                    "--user-id",
+                    "u",
+                    "--id",
+                    f"d{side}",
+                ],
+                env=env_for(
+                    tmp_path / f"r{round_}-{side}",
+                    TRACKER_REDIS_URL=redis_url,
+                    TRACKER_PREFIX=prefix,
+                ),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for side in range(2)
+        ]
+        errors = [racer.communicate(timeout=60)[1] for racer in racers]
+        codes = [racer.returncode for racer in racers]
+        assert sorted(codes) == [0, 1], (codes, errors)
+        loser = codes.index(1)
+        assert "another log" in errors[loser] and "--prefix" in errors[loser]
+        winner_env = env_for(tmp_path / f"r{round_}-{1 - loser}", TRACKER_REDIS_URL=redis_url,
+                             TRACKER_PREFIX=prefix)  # fmt: skip
+        listed = run_cli(["sessions", "list", "--json"], winner_env).stdout.splitlines()
+        assert [json.loads(line)["id"] for line in listed] == [f"d{1 - loser}"]
+        assert run_cli(["verify"], winner_env).stdout.splitlines()[-1] == "verify: 0 differences"

@@ -30,6 +30,7 @@ from tracker import (
     SnapshotStoreError,
     SnapshotUnavailableError,
     Tracker,
+    TrackerError,
 )
 from tracker.events import (
     AnyEvent,
@@ -906,3 +907,42 @@ def test_a_replay_overtaken_by_another_is_superseded_not_promoted(
         tracker.commit("sess-a", "client", 99)
         assert tracker.offsets("sess-a")["client"] == 99
         assert tracker.verify().differences == []
+
+
+@pytest.mark.parametrize("title", ["caf\udce9", "\ud800"])
+def test_text_that_is_not_unicode_is_invalid_input(tracker: Tracker, title: str) -> None:
+    """What Python makes of non-UTF-8 bytes in argv (surrogate escapes), or a lone surrogate."""
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        tracker.create_session("agent", "user", title=title)
+    assert tracker.event_count() == 0
+
+
+def test_closing_while_other_threads_commit_raises_only_tracker_errors(
+    settings: Settings,
+) -> None:
+    tracker = Tracker.open(settings=settings)
+    create(tracker, "cc-1")
+    unexpected: list[BaseException] = []
+    appended_but_closed: list[NotYetVisibleError] = []
+
+    def work(t: int) -> None:
+        for i in range(2000):
+            try:
+                tracker.commit_many([("cc-1", f"t{t}", i)], wait=i % 2 == 0)
+            except NotYetVisibleError as error:
+                appended_but_closed.append(error)
+            except TrackerError:
+                return
+            except BaseException as error:  # the defect this test is about
+                unexpected.append(error)
+                return
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    tracker.close()
+    for thread in threads:
+        thread.join()
+    assert unexpected == []
+    assert all(error.positions for error in appended_but_closed)

@@ -269,11 +269,15 @@ def encode_validated(events: Sequence[AnyEvent], *, what: str = "item") -> list[
         for record in map(_msgpack_encoder.encode, events):
             _msgpack_decoder.decode(record)
             records.append(record)
-    except (OverflowError, TypeError) as exc:
+    except UnicodeEncodeError:
         where = f"{what} {len(records) + 1}: " if len(events) > 1 else ""
         raise InvalidInputError(
-            f"{where}offset: must be an integer 0 <= n < 2**63 ({exc})"
+            f"{where}text is not valid Unicode (a lone surrogate, or bytes that were not UTF-8)"
         ) from None
+    except (OverflowError, TypeError) as exc:
+        where = f"{what} {len(records) + 1}: " if len(events) > 1 else ""
+        field = "offset: must be an integer 0 <= n < 2**63" if "int" in str(exc) else "a value"
+        raise InvalidInputError(f"{where}{field} is out of range ({exc})") from None
     except msgspec.ValidationError as exc:
         _, message = describe_validation_error(exc)
         where = f"{what} {len(records) + 1}: " if len(events) > 1 else ""
@@ -290,4 +294,6 @@ def decode_event_json_line(line: bytes, line_number: int) -> AnyEvent:
         raise InvalidInputError(f"line {line_number}: {message}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInputError(f"line {line_number}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInputError(f"line {line_number}: nested too deeply") from None
     return event

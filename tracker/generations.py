@@ -40,6 +40,10 @@ return n
 
 _PROMOTE = """
 local active = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+local owner = redis.call('HGET', KEYS[1], 'log_id')
+if owner and owner ~= ARGV[2] and ARGV[5] ~= '1' then
+  return -1
+end
 if active >= tonumber(ARGV[1]) then
   return 0
 end
@@ -74,9 +78,11 @@ class Generations:
     can read it without a lock.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, *, log_id: str | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.log_id = log_id
+        """The log this process projects: binding to another log's projection is refused."""
         self.meta_key = Keys.meta(prefix)
         self._begin = client.register_script(_BEGIN)
         self._promote = client.register_script(_PROMOTE)
@@ -106,6 +112,12 @@ class Generations:
         return True
 
     def _bind(self, meta: Meta) -> None:
+        if self.log_id is not None and meta.log_id != self.log_id:
+            raise SnapshotStoreError(
+                f"Redis prefix {self.prefix!r} holds the projection of another log "
+                f"(log {meta.log_id}; this one is {self.log_id}): use another --prefix for "
+                "this data dir, or `tracker replay --force` to replace that projection"
+            )
         with self._mutex:
             if self.meta == meta and self._store is not None:
                 return
@@ -129,7 +141,7 @@ class Generations:
         return store
 
     @redis_boundary("promoting the new generation")
-    def promote(self, store: SnapshotStore, log_id: str) -> bool:
+    def promote(self, store: SnapshotStore, log_id: str, *, force: bool = False) -> bool:
         """Make ``store``'s generation the active one, unless a newer one already is.
 
         Generations only move forward, so of two replays running at once the later one
@@ -137,14 +149,20 @@ class Generations:
         replay retired. Binds to whichever generation is active afterwards.
         """
         keys = store.keys
-        promoted = bool(
+        outcome = int(
             self._promote(
                 keys=[self.meta_key],
-                args=[keys.generation, log_id, keys.partitions, SCHEMA_VERSION],
+                args=[keys.generation, log_id, keys.partitions, SCHEMA_VERSION, int(force)],
             )
         )
+        if outcome < 0:
+            raise SnapshotStoreError(
+                f"Redis prefix {self.prefix!r} holds the projection of another log: use "
+                "another --prefix for this data dir, or `tracker replay --force` to replace it"
+            )
+        self.log_id = log_id
         self.refresh()
-        return promoted
+        return outcome > 0
 
     @redis_boundary("retiring old generations")
     def retire_older(self) -> int:

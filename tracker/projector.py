@@ -317,6 +317,8 @@ class BackgroundProjector:
         self._thread: threading.Thread | None = None
 
     def notify(self) -> None:
+        if self._stopping.is_set():
+            return
         self.notified = True
         with self._idle:
             self._busy = True

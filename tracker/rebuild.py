@@ -86,7 +86,7 @@ def replay(
         events = projector.catch_up(progress)
         with _appends_held(log):
             events += projector.catch_up(progress)
-            promoted = generations.promote(store, log.log_id)
+            promoted = generations.promote(store, log.log_id, force=force)
     except GenerationRetiredError:
         promoted = False  # a newer replay promoted its generation and retired this one
         events = 0

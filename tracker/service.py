@@ -198,6 +198,7 @@ class Tracker:
             )
             generations.refresh()
             return
+        generations.log_id = self._log.log_id
         if not generations.refresh():
             if catch_up:
                 self.projector.ensure_projection()
@@ -261,10 +262,13 @@ class Tracker:
                     self.projector.apply_appended(part, folder)
                 else:
                     self.projector.catch_up_partition(part.partition)
-        except TrackerError as error:
+        except Exception as error:
+            if not (isinstance(error, TrackerError) or self._closed):
+                raise
+            cause = "the tracker was closed meanwhile" if self._closed else str(error)
             raise NotYetVisibleError(
                 f"appended {result.count} events (durable, last position "
-                f"{max(positions).token()}) but could not project them: {error}; do not "
+                f"{max(positions).token()}) but could not project them: {cause}; do not "
                 "append them again, they become visible once the projection catches up",
                 positions,
             ) from error

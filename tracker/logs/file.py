@@ -26,6 +26,8 @@ import fcntl
 import json
 import logging
 import os
+import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +35,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import msgspec
 from crc32c import crc32c
@@ -48,7 +51,8 @@ from tracker.logs.frames import (
     Scan,
     Segment,
     decode_records,
-    encode_frame,
+    encode_records,
+    frame_of,
     scan_segment,
 )
 
@@ -272,15 +276,43 @@ class FileLog:
     def append(self, partition: int, records: Sequence[bytes]) -> Appended:
         step = self.max_frame_records
         chunks = [list(records[i : i + step]) for i in range(0, len(records), step)]
-        appended = self._append(partition, chunks)
+        payloads = [(encode_records(chunk), len(chunk)) for chunk in chunks]
+        appended = self._append(partition, payloads, len(payloads))
         first = 0 if appended.after is None else appended.after.offset + 1
         batches = [Batch(0, first + i, 0, chunk) for i, chunk in enumerate(chunks)]
         return msgspec.structs.replace(appended, batches=batches)
 
     def append_stream(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
-        return self._append(partition, chunks)
+        """Spool the encoded frames to an unnamed temporary file first, then append them.
 
-    def _append(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
+        The lock is taken only once the input is exhausted (and valid): a slow or paused
+        producer (``events import -`` from a pipe) never holds up other writers, and the
+        lock is held only for a copy at disk speed. The spool lives beside the log, so a
+        full disk shows before the log is touched; it vanishes with the process.
+        """
+        self._check_partition(partition)
+        try:
+            spool = tempfile.TemporaryFile(  # noqa: SIM115 - closed by the with below
+                dir=self.directory, prefix="append-", buffering=0
+            )
+        except OSError as exc:
+            raise self._write_error(self.directory, exc) from exc
+        with spool:
+            frames = 0
+            try:
+                for chunk in self._frames_of(chunks):
+                    payload = encode_records(chunk)
+                    spool.write(_SPOOLED.pack(len(payload), len(chunk)) + payload)
+                    frames += 1
+                spool.flush()
+            except OSError as exc:
+                raise self._write_error(self.directory, exc) from exc
+            spool.seek(0)
+            return self._append(partition, _unspool(spool, frames), frames)
+
+    def _append(
+        self, partition: int, payloads: Iterable[tuple[bytes, int]], frames: int
+    ) -> Appended:
         self._check_partition(partition)
         with self._mutex:
             self._check_open()
@@ -290,23 +322,19 @@ class FileLog:
                     self._new_segment(self._next_frame)
                 tail = self._segments[-1]
                 after = self._end()
+                if not frames:
+                    return Appended(partition, 0, after, after, True)
                 start_frames, start_size, start_records = tail.frames, tail.size, self._records
                 try:
                     fd = self._writer(tail)
-                    pending: list[bytes] | None = None
-                    for chunk in self._frames_of(chunks):
-                        if pending is not None:
-                            self._write(fd, tail, pending, MORE)
-                        pending = chunk
-                    if pending is None:
-                        return Appended(partition, 0, after, after, True)
-                    self._write(fd, tail, pending, MAGIC)
+                    for number, (payload, count) in enumerate(payloads, start=1):
+                        self._write(fd, tail, payload, count, MAGIC if number == frames else MORE)
                     if self.fsync:
                         os.fsync(fd)
                 except BaseException as exc:
                     self._undo(tail, start_frames, start_size, start_records)
                     if isinstance(exc, OSError):
-                        raise self._write_error(tail, exc) from exc
+                        raise self._write_error(tail.path, exc) from exc
                     raise
                 count = self._records - start_records
                 return Appended(partition, count, self._end(), after, True)
@@ -333,15 +361,15 @@ class FileLog:
         assert self._write_fd is not None
         return self._write_fd
 
-    def _write(self, fd: int, tail: Segment, records: list[bytes], marker: bytes) -> None:
-        frame = encode_frame(tail.base + tail.frames, records, marker)
-        written = os.write(fd, frame)
-        if written != len(frame):
-            raise OSError(errno.EIO, f"short write ({written} of {len(frame)} bytes)")
+    def _write(self, fd: int, tail: Segment, payload: bytes, count: int, marker: bytes) -> None:
+        frame = memoryview(frame_of(tail.base + tail.frames, payload, count, marker))
+        while frame:  # a short write is retried: a full disk then says ENOSPC itself
+            written = os.write(fd, frame)
+            frame = frame[written:]
         tail.positions.append(tail.size)
-        tail.counts.append(len(records))
-        tail.size += len(frame)
-        self._records += len(records)
+        tail.counts.append(count)
+        tail.size += HEADER.size + len(payload)
+        self._records += count
 
     def _undo(self, tail: Segment, frames: int, size: int, records: int) -> None:
         """Forget and cut the frames of a failed append: nothing of it stays."""
@@ -353,10 +381,13 @@ class FileLog:
         except OSError as exc:  # the next writer cuts the unfinished group instead
             log.warning("could not cut a failed append from %s: %s", tail.path, exc)
 
-    def _write_error(self, tail: Segment, exc: OSError) -> LogError:
-        if exc.errno == errno.ENOSPC:
-            return LogError(f"the disk holding {tail.path} is full; nothing was appended")
-        return LogError(f"cannot append to {tail.path}: {exc}; nothing was appended")
+    def _write_error(self, path: Path, exc: OSError) -> LogError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return LogError(
+                f"no space left for {path} ({exc.strerror}); free some and try again, "
+                "nothing was appended"
+            )
+        return LogError(f"cannot append to {path}: {exc}; nothing was appended")
 
     @property
     def _next_frame(self) -> int:
@@ -457,3 +488,13 @@ class FileLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SPOOLED = struct.Struct("<II")
+"""A spooled frame: payload length and record count, then the payload."""
+
+
+def _unspool(spool: IO[bytes], frames: int) -> Iterator[tuple[bytes, int]]:
+    for _ in range(frames):
+        length, count = _SPOOLED.unpack(spool.read(_SPOOLED.size))
+        yield spool.read(length), count

@@ -63,8 +63,12 @@ class Segment:
 
 
 def encode_frame(number: int, records: Sequence[bytes], marker: bytes = MAGIC) -> bytes:
-    payload = encode_records(records)
-    tail = HEADER.pack(marker, 0, len(payload), number, len(records))[8:]
+    return frame_of(number, encode_records(records), len(records), marker)
+
+
+def frame_of(number: int, payload: bytes, count: int, marker: bytes = MAGIC) -> bytes:
+    """The frame of an encoded payload of ``count`` records, numbered ``number``."""
+    tail = HEADER.pack(marker, 0, len(payload), number, count)[8:]
     crc = crc32c(payload, crc32c(tail))
     return marker + struct.pack("<I", crc) + tail + payload
 
@@ -104,6 +108,22 @@ def good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
                 return True
         candidates = sorted(p for m in _MARKERS if (p := data.find(m, pos + 1)) != -1)
     return False
+
+
+def _after_bad_frame(data: mmap.mmap, pos: int, size: int) -> int | None:
+    """Where a good frame could start after the bad one at ``pos``; ``None``: a torn tail.
+
+    A frame whose declared length runs past the end of the file is a torn write: every
+    byte after its header is its own (unfinished) payload, which may hold anything a
+    user wrote, even bytes that look like a frame, so nothing in it is searched.
+    """
+    if size - pos < HEADER.size:
+        return None
+    marker, _, length, _, _ = HEADER.unpack_from(data, pos)
+    if marker not in _MARKERS:
+        return pos + 1
+    end = pos + HEADER.size + length
+    return None if end > size else end
 
 
 class Scan:
@@ -146,7 +166,12 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
                     result.end = pos
                     pending = []
             result.stopped_at = pos
-            if result.problem is not None and good_frame_after(data, pos + 1, size):
+            resume = _after_bad_frame(data, pos, size)
+            if (
+                result.problem is not None
+                and resume is not None
+                and good_frame_after(data, resume, size)
+            ):
                 raise LogCorruptError(
                     f"{path}: {result.problem} at byte {pos} (frame {number}), "
                     "followed by more data; the log is damaged in the middle"
