@@ -62,14 +62,16 @@ Tansu 0.6 (the broker the tests use when there is no Docker), as found:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
 import uuid
+import warnings
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -112,6 +114,7 @@ KNOWN_COUNTS = 65_536
 _encode_manifest = msgspec.msgpack.Encoder().encode
 _decode_manifest = msgspec.msgpack.Decoder(list[tuple[int, int]]).decode
 _warned: set[tuple[str, str]] = set()
+_Client = TypeVar("_Client")
 
 
 def array_length(value: bytes) -> int | None:
@@ -282,16 +285,28 @@ class KafkaLog:
             )
         return LogError(f"Kafka at {self.bootstrap}: {doing} failed: {_first_line(exc)}")
 
-    def _open(self, partitions: int | None, create: bool) -> tuple[str, int]:
+    def _client(self, factory: Callable[..., _Client], doing: str, **options: Any) -> _Client:
+        """A kafka-python client; :class:`LogUnavailableError` if it cannot bootstrap."""
         try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=self.bootstrap,
-                client_id=self.client_id,
-                request_timeout_ms=self._ms,
-                bootstrap_timeout_ms=self._ms,
-            )
+            return factory(**options)
         except Exception as exc:
-            raise self._error(exc, "connecting") from exc
+            failure = self._error(exc, doing)
+        # A client that failed to bootstrap leaves its sockets open: close them now, not in
+        # whatever code the garbage collector happens to interrupt later.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        raise failure
+
+    def _open(self, partitions: int | None, create: bool) -> tuple[str, int]:
+        admin = self._client(
+            KafkaAdminClient,
+            "connecting",
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            request_timeout_ms=self._ms,
+            bootstrap_timeout_ms=self._ms,
+        )
         try:
             described = self._describe(admin)
             if described is None:
@@ -411,19 +426,18 @@ class KafkaLog:
 
     def _reader(self) -> KafkaConsumer:
         if self._consumer is None:
-            try:
-                self._consumer = KafkaConsumer(
-                    bootstrap_servers=self.bootstrap,
-                    client_id=self.client_id,
-                    group_id=None,
-                    enable_auto_commit=False,
-                    auto_offset_reset="none",
-                    fetch_max_wait_ms=FETCH_WAIT_MS,
-                    request_timeout_ms=max(self._ms, FETCH_WAIT_MS + 1000),
-                    bootstrap_timeout_ms=self._ms,
-                )
-            except Exception as exc:
-                raise self._error(exc, "connecting") from exc
+            self._consumer = self._client(
+                KafkaConsumer,
+                "connecting the consumer",
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="none",
+                fetch_max_wait_ms=FETCH_WAIT_MS,
+                request_timeout_ms=max(self._ms, FETCH_WAIT_MS + 1000),
+                bootstrap_timeout_ms=self._ms,
+            )
         return self._consumer
 
     def _writer(self) -> KafkaProducer:
@@ -442,22 +456,24 @@ class KafkaLog:
                     "bootstrap_timeout_ms": self._ms,
                 }
                 try:
-                    try:
-                        self._producer = KafkaProducer(enable_idempotence=True, **options)
-                    except kafka_errors.KafkaConfigurationError as exc:
-                        if "dempoten" not in str(exc):
-                            raise
-                        log.warning(
-                            "Kafka at %s cannot take an idempotent producer (%s); appends "
-                            "retried after a failure may be written twice",
-                            self.bootstrap,
-                            _first_line(exc),
-                        )
-                        self._producer = KafkaProducer(enable_idempotence=False, **options)
-                except TrackerError:
-                    raise
-                except Exception as exc:
-                    raise self._error(exc, "connecting the producer") from exc
+                    self._producer = self._client(
+                        KafkaProducer, "connecting the producer", enable_idempotence=True, **options
+                    )
+                except LogError as error:
+                    if "dempoten" not in str(error):
+                        raise
+                    log.warning(
+                        "Kafka at %s cannot take an idempotent producer (%s); appends "
+                        "retried after a failure may be written twice",
+                        self.bootstrap,
+                        error,
+                    )
+                    self._producer = self._client(
+                        KafkaProducer,
+                        "connecting the producer",
+                        enable_idempotence=False,
+                        **options,
+                    )
             return self._producer
 
     # -- appends -------------------------------------------------------------------------
