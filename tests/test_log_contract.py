@@ -194,7 +194,8 @@ def test_append_stream(log: LogBackend) -> None:
     assert appended.last == batches[-1].last == log.end(0)
 
 
-def test_append_stream_is_all_or_nothing(log: LogBackend) -> None:
+def test_append_stream_is_all_or_nothing(opener: Opener) -> None:
+    log = opener()
     log.append(0, records("before", 2))
     end = log.end(0)
 
@@ -209,6 +210,8 @@ def test_append_stream_is_all_or_nothing(log: LogBackend) -> None:
     assert log.end(0) == end
     assert log.count(0) == 2
     assert flat(read_all(log)) == records("before", 2)
+    fresh = opener()  # knows nothing of the failed append: finds the end behind its remains
+    assert fresh.end(0) == end and fresh.count(0) == 2
     after = log.append(0, records("after", 1))
     assert flat(read_all(log)) == records("before", 2) + records("after", 1)
     assert end is not None and after.last is not None and after.last > end
@@ -305,6 +308,7 @@ def test_concurrent_appends_each_read_back_once(log: LogBackend) -> None:
         mine = [b.last for b in batches if b.records[0].startswith(f"t{n}.".encode())]
         assert mine == appended[n] == sorted(appended[n])
     assert log.count(0) == len(got)
+    assert log.end(0) == batches[-1].last
 
 
 # -- Kafka only ------------------------------------------------------------------------

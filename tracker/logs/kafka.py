@@ -71,7 +71,7 @@ import warnings
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -196,6 +196,13 @@ class Raw:
         return self.own + sum(count for _, count in self.parts)
 
 
+class Fetched(NamedTuple):
+    raws: list[Raw]
+    next: int
+    """The offset the next fetch would start at."""
+    at_end: bool
+
+
 class _Tally:
     """What :meth:`KafkaLog.count` has counted of a partition so far."""
 
@@ -252,6 +259,8 @@ class KafkaLog:
         self._known: dict[tuple[int, int], int] = {}
         """Events of records seen lately, by ``(partition, offset)``: skips re-reading them."""
         self._tallies: dict[int, _Tally] = {}
+        self._ends: dict[int, tuple[int, Position | None]] = {}
+        """Per partition: offsets below this were searched by ``end``, and what it found."""
         self._log_id, self._partitions = self._open(partitions, create)
         self._tps = [TopicPartition(topic, p) for p in range(self._partitions)]
         try:
@@ -565,34 +574,36 @@ class KafkaLog:
         stop: int | None = None,
         max_events: int | None = None,
         max_bytes: int | None = None,
-    ) -> tuple[list[Raw], bool]:
-        """Records from offset ``start`` on (lock held); and whether they reach the end.
+        parts: bool = False,
+    ) -> Fetched:
+        """Records from offset ``start`` on (lock held); parts of groups only with ``parts``.
 
-        Stops at ``stop``, the high watermark of this read's fetches, or once
-        ``max_events`` events (parts count 0) or ``max_bytes`` are in hand.
+        Stops at ``stop``, at the high watermark of this call's own fetches (``at_end``), or
+        once ``max_events`` events (parts count 0) or ``max_bytes`` are in hand.
         """
         consumer = self._reader()
         tp = self._tps[partition]
         where = f"topic {self.topic!r} partition {partition}"
         out: list[Raw] = []
         events = size = 0
-        consumer.assign([tp])  # a fresh assignment: no high watermark until this read fetches
+        position = start
+        consumer.assign([tp])  # a fresh assignment: no high watermark until this call fetches
         try:
             consumer.seek(tp, start)
             deadline = time.monotonic() + self.timeout
             while True:
                 position = consumer.position(tp, timeout_ms=self._ms)
-                highwater = consumer.highwater(tp)
                 if position is None:
                     raise LogError(f"{where}: the consumer lost its position")
+                highwater = consumer.highwater(tp)
                 if highwater is not None and position >= highwater:
-                    return out, True
-                if stop is not None and position >= stop:
-                    return out, False
-                if max_events is not None and events >= max_events:
-                    return out, False
-                if max_bytes is not None and size >= max_bytes:
-                    return out, False
+                    return Fetched(out, position, True)
+                if (
+                    (stop is not None and position >= stop)
+                    or (max_events is not None and events >= max_events)
+                    or (max_bytes is not None and size >= max_bytes)
+                ):
+                    return Fetched(out, position, False)
                 want = 500 if max_events is None else max(1, min(500, max_events - events))
                 polled = consumer.poll(timeout_ms=POLL_MS, max_records=want).get(tp, [])
                 if not polled:
@@ -607,11 +618,12 @@ class KafkaLog:
                     if record.offset < start or (stop is not None and record.offset >= stop):
                         continue
                     raw = Raw(record, f"{where} offset {record.offset}")
-                    out.append(raw)
-                    events += raw.count
-                    size += raw.size
+                    if raw.part_of is None or parts:
+                        out.append(raw)
+                        events += raw.count
+                        size += raw.size
         except kafka_errors.OffsetOutOfRangeError:
-            return out, True  # past the end (Apache Kafka; Tansu answers empty)
+            return Fetched(out, position, True)  # past the end (Kafka; Tansu answers empty)
         except TrackerError:
             raise
         except kafka_errors.KafkaError as exc:
@@ -620,13 +632,13 @@ class KafkaLog:
             consumer.assign([])
 
     def _scan(self, partition: int, start: int, stop: int | None = None) -> Iterator[Raw]:
-        """Every record from ``start`` to ``stop`` (or the end), a few MB at a time."""
+        """The complete records from ``start`` to ``stop`` (or the end), a few MB at a time."""
         while stop is None or start < stop:
-            raws, at_end = self._fetch(partition, start, stop=stop, max_bytes=SCAN_BYTES)
-            yield from raws
-            if at_end or not raws:
+            fetched = self._fetch(partition, start, stop=stop, max_bytes=SCAN_BYTES)
+            yield from fetched.raws
+            if fetched.at_end or fetched.next <= start:
                 return
-            start = raws[-1].offset + 1
+            start = fetched.next
 
     def _decode(self, partition: int, raw: Raw) -> list[bytes]:
         try:
@@ -645,7 +657,7 @@ class KafkaLog:
             start, skip = after.offset + 1, 0
         with self._read_lock:
             self._check_open()
-            raws, _ = self._fetch(partition, start, max_events=max(max_records, 1) + skip)
+            raws = self._fetch(partition, start, max_events=max(max_records, 1) + skip).raws
             batches: list[Batch] = []
             total = 0
             for raw in raws:
@@ -692,8 +704,7 @@ class KafkaLog:
         return Batch(partition, end.offset, first, records)
 
     def _part(self, partition: int, offset: int, end: Raw) -> Raw:
-        raws, _ = self._fetch(partition, offset, stop=offset + 1)
-        for raw in raws:
+        for raw in self._fetch(partition, offset, stop=offset + 1, parts=True).raws:
             if raw.offset == offset and raw.part_of == end.group and offset < end.offset:
                 return raw
         raise LogCorruptError(
@@ -712,20 +723,31 @@ class KafkaLog:
                 raise self._error(exc, f"reading the end of partition {partition}") from exc
             if not low:
                 return None
-            # Tansu's end offset is the last batch's base + 1: a lower bound of the head.
-            start, stop, window = low - 1, None, 1
+            # Tansu's end offset is the last batch's base + 1, only a lower bound of the head:
+            # read from there to the end. Offsets below ``floor`` were searched before.
+            floor, known = self._ends.get(partition, (0, None))
+            top = max(low - 1, floor)
+            found: Raw | None = None
             while True:
-                last: Raw | None = None
+                fetched = self._fetch(partition, top, max_bytes=SCAN_BYTES)
+                if fetched.raws:
+                    found = fetched.raws[-1]
+                progress, top = fetched.next > top, max(top, fetched.next)
+                if fetched.at_end or not progress:
+                    break
+            # Only parts of unfinished appends there: look further back, in growing steps.
+            stop, window = max(low - 1, floor), 1
+            while found is None and stop > floor:
+                window = min(window * 8, 4096)
+                start = max(floor, stop - window)
                 for raw in self._scan(partition, start, stop):
-                    if raw.part_of is None:
-                        last = raw
-                if last is not None:
-                    self._remember(partition, last.offset, last.count)
-                    return Position(partition, last.offset, last.count - 1)
-                if start == 0:
-                    return None  # only parts of appends that never finished
-                stop, window = start, min(window * 8, 4096)
-                start = max(0, start - window)
+                    found = raw
+                stop = start
+            if found is not None:
+                self._remember(partition, found.offset, found.count)
+                known = Position(partition, found.offset, found.count - 1)
+            self._ends[partition] = (top, known)
+            return known
 
     def count(self, partition: int, after: Position | None = None) -> int:
         self._check_partition(partition)
