@@ -101,7 +101,7 @@ MAX_PARTS = 50_000
 PART = "trk.part"
 GROUP = "trk.group"
 MANIFEST = "trk.parts"
-FETCH_WAIT_MS = 20
+FETCH_WAIT_MS = 5
 """How long the broker holds a fetch that finds nothing: the cost of a read at the end."""
 POLL_MS = 5
 """A poll returns only with records or after this: how often a read checks where it is."""
@@ -724,9 +724,10 @@ class KafkaLog:
             if not low:
                 return None
             # Tansu's end offset is the last batch's base + 1, only a lower bound of the head:
-            # read from there to the end. Offsets below ``floor`` were searched before.
+            # read from there to the end. Offsets below ``floor`` were searched before; the
+            # fetch starts a record early, which answers at once where an empty one waits.
             floor, known = self._ends.get(partition, (0, None))
-            top = max(low - 1, floor)
+            top = max(low - 1, floor - 1)
             found: Raw | None = None
             while True:
                 fetched = self._fetch(partition, top, max_bytes=SCAN_BYTES)
