@@ -200,7 +200,21 @@ class PrivateKafka:
         self.process = process
 
     def pause(self) -> None:
+        """SIGSTOP the broker; returns once every thread of it has stopped."""
         os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not self._stopped():
+            assert time.monotonic() < deadline, "the broker did not stop"
+            time.sleep(0.001)
+
+    def _stopped(self) -> bool:
+        states = []
+        for stat in Path(f"/proc/{self.process.pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:  # a thread that just ended
+                continue
+        return bool(states) and all(state in {"T", "t"} for state in states)
 
     def resume(self) -> None:
         os.kill(self.process.pid, signal.SIGCONT)

@@ -445,3 +445,72 @@ def test_kafka_refuses_records_it_did_not_write(kafka_bootstrap: str, kafka_topi
             log.read(0, None, 10)
     finally:
         log.close()
+
+
+def test_kafka_topic_that_does_not_report_its_retention(
+    kafka_bootstrap: str, kafka_topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Apache Kafka reports its default (7 days): refused. Tansu reports nothing: a warning."""
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics({kafka_topic: {"num_partitions": 1}})
+    finally:
+        admin.close()
+    try:
+        log = KafkaLog(kafka_bootstrap, kafka_topic)
+    except ConfigError as refused:
+        assert "retention.ms=" in str(refused)
+        return
+    log.close()
+    assert "cannot tell the retention" in caplog.text
+    caplog.clear()
+    KafkaLog(kafka_bootstrap, kafka_topic).close()
+    assert "cannot tell the retention" not in caplog.text  # once per topic and process
+
+
+def test_kafka_log_of_only_an_unfinished_append(kafka_bootstrap: str, kafka_topic: str) -> None:
+    log = KafkaLog(kafka_bootstrap, kafka_topic, partitions=1)
+    fresh: KafkaLog | None = None
+    try:
+
+        def failing() -> Iterator[list[bytes]]:
+            for i in range(3):
+                yield records("lost", 60_000, 60_000 * i)
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            log.append_stream(0, failing())
+        fresh = KafkaLog(kafka_bootstrap, kafka_topic, partitions=1)
+        assert fresh.end(0) is None and fresh.count(0) == 0
+        assert fresh.read(0, None, 10) == []
+        appended = fresh.append(0, records("kept", 1))
+        assert appended.last is not None and appended.last.offset > 0
+        assert flat(read_all(log)) == records("kept", 1)
+        assert log.end(0) == appended.last
+    finally:
+        log.close()
+        if fresh is not None:
+            fresh.close()
+
+
+def test_kafka_refuses_a_topic_whose_first_records_were_deleted(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    from kafka import TopicPartition
+
+    KafkaLog(kafka_bootstrap, kafka_topic, partitions=1).close()
+    log = KafkaLog(kafka_bootstrap, kafka_topic, partitions=1)
+    try:
+        log.append(0, records("x", 1))
+        log.append(0, records("y", 1))
+    finally:
+        log.close()
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, request_timeout_ms=5000)
+    try:
+        admin.delete_records({TopicPartition(kafka_topic, 0): 1})
+    except Exception as exc:  # Tansu 0.6 drops the connection
+        pytest.skip(f"the broker cannot delete records: {exc}")
+    finally:
+        admin.close()
+    with pytest.raises(LogCorruptError, match="starts at offset 1"):
+        KafkaLog(kafka_bootstrap, kafka_topic, partitions=1)

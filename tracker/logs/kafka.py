@@ -17,17 +17,22 @@ All or nothing: record groups
     last record's). If the stream's iterator raises or the producer fails before the last
     record, the parts stay behind unreferenced and readers skip them: nothing was
     appended. Records of other producers may sit between the parts; a group counts where
-    its last record is.
+    its last record is. The parts of an append that failed stay in the topic (they take
+    space and are read past), like any Kafka record.
 
 Reading
     Each log object has one consumer, guarded by a lock, that reads by assignment
     (``assign`` and ``seek``, ``enable_auto_commit=False``, no group, no committed
     offsets). Each read assigns afresh, so the high watermark it stops at comes from a
-    fetch of that read. The head of a partition is never taken from ``end_offsets()``
-    alone: Tansu answers it with the base offset of the last record batch + 1, so
-    :meth:`KafkaLog.end` uses it as a lower bound and reads on to the fetch's high
-    watermark. :meth:`KafkaLog.count` is exact: it reads the partition once and keeps a
-    running tally (and sparse marks to count from a position), then reads only what is new.
+    fetch of that read: a read sees every append acknowledged before it started. A read
+    returns whole records (the first one cut at ``after``), a group in whole parts, until
+    it holds ``max_records`` events. The head of a partition is never taken from
+    ``end_offsets()`` alone: Tansu answers it with the base offset of the last record batch
+    + 1, so :meth:`KafkaLog.end` uses it as a lower bound, reads on to the fetch's high
+    watermark, and (only if it found nothing but parts of unfinished appends there) looks
+    further back. :meth:`KafkaLog.count` is exact: its first call reads the partition
+    (only the records' msgpack headers are looked at), later calls read only what is new;
+    sparse marks let it count from a position without reading from the start.
 
 Appends and the producer
     One producer per log object, created on the first append: ``acks="all"``, idempotent
@@ -517,6 +522,7 @@ class KafkaLog:
         """Produce ``chunks`` as one record, or a group; ``(offset, events)`` of its end."""
         group = uuid.uuid4().bytes
         sent: list[tuple[Any, int]] = []
+        checked = 0
         pending: list[bytes] | None = None
         total = 0
         doing = f"appending to topic {self.topic!r} partition {partition}"
@@ -535,6 +541,10 @@ class KafkaLog:
                         headers=headers,
                     )  # fmt: skip
                     sent.append((future, len(pending)))
+                    while checked < len(sent) and sent[checked][0].is_done:
+                        if sent[checked][0].failed():  # fail now, not after the whole stream
+                            raise sent[checked][0].exception
+                        checked += 1
                 pending = chunk
                 total += len(chunk)
             if pending is None:
