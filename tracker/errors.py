@@ -11,7 +11,8 @@
     ├── LogError
     │   ├── LogNotFoundError         no event log where one was expected (a mistyped data dir)
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
-    │   └── LogLockedError           an append waited too long for the log's lock (retriable)
+    │   ├── LogLockedError           an append waited too long for the log's lock (retriable)
+    │   └── LogUnavailableError      the Kafka brokers did not answer in time (retriable)
     ├── SnapshotStoreError           Redis refused, or holds another log's projection
     │   ├── SnapshotUnavailableError Redis cannot be reached (retriable)
     │   └── CheckpointConflictError  another projector moved the checkpoint (retriable)
@@ -70,6 +71,16 @@ class LogCorruptError(LogError):
 
 class LogLockedError(LogError):
     """An append waited too long for the log's lock (another process is appending)."""
+
+    retriable = True
+
+
+class LogUnavailableError(LogError):
+    """The Kafka brokers did not answer within the timeout; retry when they are back.
+
+    From an append it means the outcome is unknown: the records may still be written
+    (once: the producer is idempotent), so check with a read before appending them again.
+    """
 
     retriable = True
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tracker.errors import ConfigError
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_TOPIC = re.compile(r"[A-Za-z0-9_.-]{1,249}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _SCHEMES = {"redis", "rediss", "unix"}
@@ -28,6 +29,8 @@ ENV = {
     "redis_url": "TRACKER_REDIS_URL",
     "kafka_bootstrap": "TRACKER_KAFKA_BOOTSTRAP",
     "event_topic": "TRACKER_EVENT_TOPIC",
+    "partitions": "TRACKER_PARTITIONS",
+    "kafka_timeout": "TRACKER_KAFKA_TIMEOUT",
     "prefix": "TRACKER_PREFIX",
     "fsync": "TRACKER_FSYNC",
     "lock_timeout": "TRACKER_LOCK_TIMEOUT",
@@ -60,6 +63,14 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    try:
+        return default if raw is None or raw == "" else int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
 def mask_url(url: str | None) -> str | None:
     """The URL with its password replaced by ``***``, for logs and reprs."""
     if not url:
@@ -82,6 +93,14 @@ def _problem(name: str, value: object) -> str | None:
         url = mask_url(value) if isinstance(value, str) else value
         if not (isinstance(url, str) and urlsplit(url).scheme in _SCHEMES):
             return f"{url!r} is not a redis://, rediss:// or unix:// URL"
+    if name == "event_topic" and not (
+        isinstance(value, str) and _TOPIC.fullmatch(value) and value not in {".", ".."}
+    ):
+        return f"{value!r} is not a Kafka topic name (1..249 chars of [A-Za-z0-9._-])"
+    if name == "partitions" and not (isinstance(value, int) and 1 <= value <= 10_000):
+        return f"{value!r} must be a whole number from 1 to 10000"
+    if name == "kafka_timeout" and not (isinstance(value, int | float) and 0 < value <= 3600):
+        return f"{value!r} must be over 0 and at most 3600 seconds"
     return None
 
 
@@ -97,13 +116,18 @@ class Settings:
     """Where the log and the snapshots live.
 
     No ``redis_url`` means an embedded Redis in the data dir; no ``kafka_bootstrap``
-    means the file log in the data dir.
+    means the file log in the data dir. ``partitions`` and ``kafka_timeout`` apply to the
+    Kafka log only (the file log has one partition): the event topic is created with
+    ``partitions`` and must have that many; a broker that does not answer within
+    ``kafka_timeout`` seconds is reported as unavailable.
     """
 
     data_dir: Path = Path(".tracker")
     redis_url: str | None = field(default=None, repr=False)
     kafka_bootstrap: str | None = None
     event_topic: str = "tracker.session-events"
+    partitions: int = 12
+    kafka_timeout: float = 10.0
     prefix: str = "trk"
     fsync: bool = True
     lock_timeout: float = 30.0
@@ -118,7 +142,7 @@ class Settings:
         return (
             f"Settings(data_dir={str(self.data_dir)!r}, redis_url={mask_url(self.redis_url)!r}, "
             f"kafka_bootstrap={self.kafka_bootstrap!r}, event_topic={self.event_topic!r}, "
-            f"prefix={self.prefix!r}, fsync={self.fsync!r})"
+            f"partitions={self.partitions!r}, prefix={self.prefix!r}, fsync={self.fsync!r})"
         )
 
     @classmethod
@@ -130,6 +154,8 @@ class Settings:
             "redis_url": env.get(ENV["redis_url"]) or None,
             "kafka_bootstrap": env.get(ENV["kafka_bootstrap"]) or None,
             "event_topic": env.get(ENV["event_topic"]) or "tracker.session-events",
+            "partitions": _int(env, ENV["partitions"], 12),
+            "kafka_timeout": _seconds(env, ENV["kafka_timeout"], 10.0),
             "prefix": env.get(ENV["prefix"]) or "trk",
             "fsync": _flag(env, ENV["fsync"], True),
             "lock_timeout": _seconds(env, ENV["lock_timeout"], 30.0),

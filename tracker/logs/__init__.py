@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from msgspec import Struct, structs
 
-from tracker.errors import ConfigError
 from tracker.events import AnyEvent, Position, decode_event
 
 if TYPE_CHECKING:
@@ -62,7 +61,7 @@ class Appended(Struct, frozen=True):
 
 
 class LogBackend(Protocol):
-    """What the tracker needs from a log; ``FileLog`` and (later) ``KafkaLog`` provide it.
+    """What the tracker needs from a log; ``FileLog`` and ``KafkaLog`` provide it.
 
     Every method is safe to call from several threads and several processes at once.
     """
@@ -117,12 +116,17 @@ def open_log(settings: Settings, *, create: bool = True) -> LogBackend:
 
     With ``create=False`` a log that does not exist yet is refused
     (:class:`~tracker.errors.LogNotFoundError`), so a mistyped data dir is not taken for
-    an empty log.
+    an empty log. The Kafka log's topic must have ``settings.partitions`` partitions.
     """
     if settings.kafka_bootstrap:
-        raise ConfigError(
-            "TRACKER_KAFKA_BOOTSTRAP: the Kafka event log is not available in this version; "
-            "unset it to use the file log"
+        from tracker.logs.kafka import KafkaLog
+
+        return KafkaLog(
+            settings.kafka_bootstrap,
+            settings.event_topic,
+            partitions=settings.partitions,
+            create=create,
+            timeout=settings.kafka_timeout,
         )
     from tracker.logs.file import FileLog
 
