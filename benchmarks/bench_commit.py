@@ -271,17 +271,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                              args.repeat if i == 0 else args.repeat_others)
                 for i, size in enumerate(args.per_call)
             ]  # fmt: skip
-            profile = (
-                profiled(
-                    lambda: [
-                        tracker.commit_many(call, wait=True)
-                        for call in chunks(workload.commits(args.commits), args.per_call[0])
-                    ],
-                    args.profile,
+            profile = ""
+            if args.profile:  # the workload is generated first, outside the profile
+                calls = chunks(workload.commits(args.commits), args.per_call[0])
+                profile = profiled(
+                    lambda: [tracker.commit_many(call, wait=True) for call in calls], args.profile
                 )
-                if args.profile
-                else ""
-            )
         finally:
             ceiling_log.close()
             tracker.close()
