@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import os
@@ -121,22 +120,6 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Move everything alive now (the benchmark's own workload) out of the GC's reach.
-
-    A benchmark holds a million commits in memory, which a real caller never does; left
-    to the collector, every full collection would walk them and bill the code under test.
-    ``gc.freeze`` is what long-running services do after start-up for the same reason.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def profiled(fn: Callable[[], object], top: int) -> str:
     """Run ``fn`` once under cProfile; the top ``top`` functions by own and cumulative time."""
     profiler = cProfile.Profile()
@@ -222,6 +205,13 @@ def parser(description: str, *, repeat: int = 3) -> argparse.ArgumentParser:
     p.add_argument(
         "--tmpdir", type=Path, default=None, help="where to put the data (default: system temp)"
     )
+    p.add_argument(
+        "--redis-aof",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the benchmark's redis-server with appendonly yes, appendfsync everysec, as "
+        "the embedded default does (default); --no-redis-aof: no persistence at all",
+    )
     return p
 
 
@@ -261,13 +251,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """A ``redis-server`` on a free loopback TCP port, no persistence, stopped by PID."""
+def redis_persistence(aof: bool) -> str:
+    """How the benchmark's redis-server persists, for the JSON ``params``."""
+    if aof:
+        return "aof (appendonly yes, appendfsync everysec, save ''), as the embedded default"
+    return "none (appendonly no, save '')"
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, directory: Path) -> None:
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback TCP port, stopped by PID.
+
+    Persistence: the embedded default's AOF (``appendfsync everysec``) with ``aof``, else
+    none; ``persistence`` says which, for the JSON ``params``.
+    """
+
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, directory: Path, *, aof: bool
+    ) -> None:
         self.process = process
         self.port = port
         self.directory = directory
+        self.aof = aof
+
+    @property
+    def persistence(self) -> str:
+        return redis_persistence(self.aof)
 
     @property
     def pid(self) -> int:
@@ -290,6 +298,12 @@ class RedisServer:
         with self.client() as client:
             return int(client.info("memory")["used_memory"])
 
+    def aof_rewrites(self) -> int:
+        """AOF rewrites the server has started (a fork each); 0 without persistence."""
+        with self.client() as client:
+            info = client.info("persistence")
+        return int(info.get("aof_rewrites", 0)) if self.aof else 0
+
     def stop(self) -> None:
         """SIGTERM to our PID, SIGKILL after a grace period."""
         if self.process.poll() is not None:
@@ -304,9 +318,13 @@ class RedisServer:
 
 @contextmanager
 def redis_server(
-    directory: Path, binary: str | None = None, *, attempts: int = 5
+    directory: Path, binary: str | None = None, *, aof: bool = False, attempts: int = 5
 ) -> Iterator[RedisServer]:
-    """Start a private redis-server (data in ``directory``), yield it, stop it by PID."""
+    """Start a private redis-server (data in ``directory``), yield it, stop it by PID.
+
+    ``aof``: persistence as the embedded default has it (``appendonly yes``,
+    ``appendfsync everysec``); otherwise none (``appendonly no``, ``save ''``).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     exe = redis_binary(binary)
     server: RedisServer | None = None
@@ -318,7 +336,8 @@ def redis_server(
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if aof else "no",
+            "--appendfsync", "everysec",
             "--dir", str(directory.resolve()),
             "--maxmemory-policy", "noeviction",
             "--logfile", str(logfile.resolve()),
@@ -327,7 +346,7 @@ def redis_server(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        candidate = RedisServer(process, port, directory)
+        candidate = RedisServer(process, port, directory, aof=aof)
         deadline = time.monotonic() + 10
         while process.poll() is None and time.monotonic() < deadline:
             try:
@@ -344,7 +363,10 @@ def redis_server(
         log(f"redis-server on port {port} did not start, retrying: {tail.strip()}")
     if server is None:
         raise RuntimeError(f"could not start {exe} (see {logfile})")
-    log(f"redis-server {server.version()} pid {server.pid} on 127.0.0.1:{server.port}")
+    log(
+        f"redis-server {server.version()} pid {server.pid} on 127.0.0.1:{server.port}, "
+        f"persistence: {server.persistence}"
+    )
     try:
         yield server
     finally:
@@ -366,27 +388,118 @@ def random_ids(rng: random.Random, count: int, length: int = 10) -> list[str]:
     return ids
 
 
-class Workload:
-    """Sessions (ids, owners) and a stream of commits over them, all seeded."""
+# fmt: off
+TITLE_WORDS = (
+    "Quarterly", "report", "review", "draft", "customer", "onboarding", "fix", "login",
+    "bug", "planning", "meeting", "notes", "for", "the", "Q3", "roadmap", "deploy",
+    "pipeline", "refund", "request", "invoice", "question", "about", "billing", "support",
+    "ticket", "weekly", "sync", "design", "feedback", "summary", "of", "call", "with",
+    "vendor", "contract", "renewal", "travel", "booking", "help", "password", "reset",
+    "product", "launch", "checklist", "follow-up", "on", "order", "status", "data",
+    "export", "API", "integration", "migration", "plan",
+)
+TITLE_WORDS_NON_ASCII = (
+    "café", "résumé", "naïve", "Überblick", "Straße", "façade", "crème", "brûlée", "niño",
+    "año", "Zürich", "São", "Paulo", "réunion", "équipe", "Größe", "déjà-vu",
+    "smörgåsbord", "Kraków", "Ελληνικά", "—", "✓", "→", "東京の会議メモ", "見積もり", "🚀", "📎",
+)
+# fmt: on
 
-    def __init__(self, seed: int, sessions: int, *, users: int = 1000, agents: int = 50) -> None:
+
+class Titles:
+    """Session titles of ``low`` to ``high`` characters, words with some non-ASCII ones.
+
+    ``non_ascii`` is the chance that a word is taken from the non-ASCII list (accented
+    words, a dash or check mark, some Japanese, an emoji): their UTF-8 bytes push some
+    titles past 64 bytes, Redis's ``hash-max-listpack-value``, as real titles do.
+    """
+
+    def __init__(self, low: int, high: int, *, non_ascii: float = 0.05) -> None:
+        self.low, self.high, self.non_ascii = low, high, non_ascii
+
+    def make(self, rng: random.Random) -> str:
+        """Whole words up to a length drawn uniformly from ``low..high`` characters."""
+        length = rng.randint(self.low, self.high)
+        title = ""
+        while len(title) < length:
+            pool = TITLE_WORDS_NON_ASCII if rng.random() < self.non_ascii else TITLE_WORDS
+            word = rng.choice(pool)
+            candidate = f"{title} {word}" if title else word[0].upper() + word[1:]
+            if len(candidate) > self.high:
+                if len(title) >= self.low:
+                    break
+                candidate = candidate[: self.high].rstrip()
+            title = candidate
+        return title
+
+    def describe(self, titles: Sequence[str | None]) -> dict[str, Any]:
+        """The shape of the titles actually generated, for the JSON ``params``."""
+        present = [t for t in titles if t is not None]
+        if not present:
+            return {"chars": [self.low, self.high], "count": 0}
+        sizes = [len(t.encode()) for t in present]
+        return {
+            "chars": [self.low, self.high],
+            "chars_min_max": [min(map(len, present)), max(map(len, present))],
+            "chars_mean": round(sum(map(len, present)) / len(present), 1),
+            "bytes_max": max(sizes),
+            "share_over_64_bytes": round(sum(1 for b in sizes if b > 64) / len(present), 3),
+            "share_non_ascii": round(sum(1 for t in present if not t.isascii()) / len(present), 3),
+            "examples": present[:3],
+        }
+
+
+REALISTIC_TITLES = Titles(20, 80)
+"""The headline shape: 20 to 80 characters, some over 64 bytes (non-ASCII)."""
+
+
+class Workload:
+    """Sessions (ids, owners, titles) and a stream of commits over them, all seeded.
+
+    ``titles=None`` creates sessions without a title. ``even_users`` gives every user the
+    same number of sessions (``sessions / users``) instead of drawing owners at random.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        sessions: int,
+        *,
+        users: int = 1000,
+        agents: int = 50,
+        titles: Titles | None = REALISTIC_TITLES,
+        even_users: bool = False,
+    ) -> None:
         self.rng = random.Random(seed)
         ids = random_ids(self.rng, sessions + min(users, sessions) + agents)
         self.session_ids = ids[:sessions]
         self.user_ids = ids[sessions : sessions + min(users, sessions)]
         self.agent_ids = ids[sessions + len(self.user_ids) :]
         self.owners = [
-            (self.rng.choice(self.agent_ids), self.rng.choice(self.user_ids))
-            for _ in self.session_ids
+            (
+                self.rng.choice(self.agent_ids),
+                self.user_ids[n % len(self.user_ids)]
+                if even_users
+                else self.rng.choice(self.user_ids),
+            )
+            for n in range(sessions)
+        ]
+        self.title_shape = titles
+        title_rng = random.Random(seed + 1000)  # the commit stream does not depend on titles
+        self.titles: list[str | None] = [
+            titles.make(title_rng) if titles is not None else None for _ in range(sessions)
         ]
         self._next = [0] * (sessions * len(CONSUMERS))
+
+    def describe_titles(self) -> dict[str, Any] | None:
+        return None if self.title_shape is None else self.title_shape.describe(self.titles)
 
     def creates(self) -> list[AnyEvent]:
         """One ``session_created`` per session, as the tracker would record it."""
         ids = new_event_ids(len(self.session_ids))
         events: list[AnyEvent] = []
-        for n, (sid, (agent, user), eid) in enumerate(
-            zip(self.session_ids, self.owners, ids, strict=True)
+        for n, (sid, (agent, user), title, eid) in enumerate(
+            zip(self.session_ids, self.owners, self.titles, ids, strict=True)
         ):
             at = EPOCH + timedelta(milliseconds=n)
             events.append(
@@ -395,6 +508,7 @@ class Workload:
                     agent_id=agent,
                     user_id=user,
                     created_at=at,
+                    title=title,
                     event_id=eid,
                     recorded_at=at,
                 )

@@ -80,6 +80,7 @@ def main() -> None:
                 "events": n,
                 "sessions": args.sessions,
                 "consumers": list(CONSUMERS),
+                "titles": workload.describe_titles(),
                 "repeat": args.repeat,
                 "seed": args.seed,
             },

@@ -1,7 +1,8 @@
 """``Tracker.get_session`` latency over loopback TCP, against raw redis-py calls.
 
-Setup (not timed): a private redis-server on 127.0.0.1, ``--sessions`` sessions created
-with ``Tracker.import_events``, each committed by three consumers (``commit_many``).
+Setup (not timed): a private redis-server on 127.0.0.1 (AOF ``everysec`` unless
+``--no-redis-aof``), ``--sessions`` sessions (titles of 20 to 80 characters) created with
+``Tracker.import_events``, each committed by three consumers (``commit_many``).
 
 Timed, one call at a time with ``perf_counter_ns``, after a warm-up: ``--gets`` random
 ``get_session`` calls per repeat. Ceilings, interleaved with them in blocks (so noise
@@ -69,7 +70,7 @@ def combine(passes: list[dict[str, float]]) -> dict[str, float]:
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     workload = Workload(args.seed, args.sessions)
     rng = random.Random(args.seed + 1)
-    with redis_server(tmp / "redis", args.redis_server) as server:
+    with redis_server(tmp / "redis", args.redis_server, aof=args.redis_aof) as server:
         settings = Settings(
             data_dir=tmp / "data", redis_url=server.url, fsync=False, prefix="bench"
         )
@@ -152,6 +153,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "interleave_block": BLOCK,
             "seed": args.seed,
             "redis": f"{version} tcp 127.0.0.1",
+            "redis_persistence": server.persistence,
+            "titles": workload.describe_titles(),
         },
         "latency_us": got,
         "value": got["p50"],

@@ -16,13 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("replay", "commit", "get", "memory", "fold")
+CASES = ("replay", "commit_async", "commit", "latency", "get", "memory", "fold")
 
 QUICK: dict[str, list[str]] = {
-    "replay": ["--events", "200000", "--repeat", "1"],
+    "replay": ["--events", "300000", "--repeat", "1"],
+    "commit_async": ["--commits", "300000", "--repeat", "1"],
     "commit": ["--commits", "100000", "--repeat", "1"],
+    "latency": ["--ops", "2000", "--warmup", "200", "--repeat", "1"],
     "get": ["--gets", "5000", "--repeat", "1"],
-    "memory": ["--sessions", "10000"],
+    "memory": ["--secondary-sessions", "10000"],
     "fold": ["--events", "200000", "--repeat", "1"],
 }
 
@@ -64,7 +66,7 @@ def fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.1f}"
     if isinstance(value, dict):
-        return ", ".join(f"{k} {fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {fmt(v)}" for k, v in value.items() if k != "is")
     return "-" if value is None else str(value)
 
 
