@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -12,7 +13,13 @@ from tracker.errors import CheckpointConflictError
 from tracker.events import OffsetCommitted, SessionCreated, utcnow
 from tracker.fold import fold_all, fold_batch, visible
 from tracker.keys import Keys
-from tracker.snapshots import CHUNK_SESSIONS, CHUNKS_PER_ROUND_TRIP, SnapshotStore
+from tracker.snapshots import (
+    CHUNK_SESSIONS,
+    CHUNKS_PER_ROUND_TRIP,
+    SnapshotStore,
+    parse_created,
+    to_micros,
+)
 
 SESSIONS = CHUNK_SESSIONS * CHUNKS_PER_ROUND_TRIP * 2 + 7  # three round trips, the last short
 
@@ -57,3 +64,25 @@ def test_a_fenced_out_batch_of_several_round_trips_changes_nothing(
         store.merge(0, list(fold_batch(events()).values()), after="", upto="0:0:9")
     after = {key: redis_client.dump(key) for key in redis_client.scan_iter(match=f"{prefix}:*")}
     assert after == dump
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2025, 1, 25, 22, 41, 41, tzinfo=UTC),
+        datetime(2025, 1, 25, 22, 41, 41, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_created_at_is_stored_as_exact_microseconds(value: datetime) -> None:
+    stored = str(to_micros(value))
+    assert stored.lstrip("-").isdigit()
+    assert parse_created(stored) == value
+
+
+def test_created_at_stored_as_text_by_earlier_versions_still_reads() -> None:
+    assert parse_created("2025-01-25T22:41:41.123Z") == datetime(
+        2025, 1, 25, 22, 41, 41, 123000, tzinfo=UTC
+    )

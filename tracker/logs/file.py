@@ -89,6 +89,7 @@ class FileLog:
         self._records = 0
         self._write_fd: int | None = None
         self._write_base = -1
+        self._lock_fd: int | None = None
         self._closed = False
         self._mutex = threading.RLock()
         identity = self.directory / "log.json"
@@ -175,6 +176,8 @@ class FileLog:
 
     def _index(self, segment: Segment, *, crc: bool) -> Scan:
         """Extend a segment's index with the complete groups written since it was last seen."""
+        if segment.size and os.fstat(segment.fd()).st_size == segment.size:
+            return Scan(segment.size)  # nothing new: the common case, one fstat
         scan, _ = scan_segment(segment.path, segment.size, segment.base + segment.frames, crc=crc)
         segment.positions.extend(scan.positions)
         segment.counts.extend(scan.counts)
@@ -194,35 +197,33 @@ class FileLog:
         """Hold the cross-process append lock; ``timeout=None`` tries once (yields False)."""
         if self.read_only:
             raise LogError(f"the event log in {self.directory} is read-only here")
-        path = self.directory / "LOCK"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + (timeout or 0)
-            delay = 0.0005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if timeout is None:
-                        yield False
-                        return
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                        raise LogLockedError(
-                            f"the event log in {self.directory} is being appended to by "
-                            f"another process (pid {holder}) for over {timeout:g} s; "
-                            "try again, or stop that process"
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-            os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd
+        deadline = time.monotonic() + (timeout or 0)
+        delay = 0.0005
+        while True:
             try:
-                yield True
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if timeout is None:
+                    yield False
+                    return
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise LogLockedError(
+                        f"the event log in {self.directory} is being appended to by "
+                        f"another process (pid {holder}) for over {timeout:g} s; "
+                        "try again, or stop that process"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
+        try:
+            yield True
         finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _refresh(self, *, repair: bool = False) -> None:
         """Index what other processes appended; with ``repair`` (lock held) cut a bad tail."""
@@ -237,7 +238,7 @@ class FileLog:
             tail = Segment(follower, tail.base + tail.frames)
             self._add_segment(tail)
         if repair:
-            size = tail.path.stat().st_size
+            size = os.fstat(tail.fd()).st_size
             if size > tail.size:
                 self._cut(tail, scan.problem or "trailing bytes", size)
 
@@ -477,6 +478,9 @@ class FileLog:
     def close(self) -> None:
         with self._mutex:
             self._closed = True
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
             for segment in self._segments:
                 segment.close()
             if self._write_fd is not None:

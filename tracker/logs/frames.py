@@ -131,12 +131,12 @@ class Scan:
 
     __slots__ = ("counts", "end", "positions", "problem", "stopped_at")
 
-    def __init__(self) -> None:
+    def __init__(self, end: int = 0) -> None:
         self.positions: list[int] = []
         self.counts: list[int] = []
-        self.end = 0
+        self.end = end
         self.problem: str | None = None
-        self.stopped_at = 0
+        self.stopped_at = end
 
 
 def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Scan, int]:
