@@ -57,6 +57,9 @@ from tracker.writer import Commit, Writer
 
 log = logging.getLogger("tracker")
 
+TAIL_BATCH_RECORDS = 100_000
+"""Records per batch of ``tracker project``: small enough to poll the group often."""
+
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 P = ParamSpec("P")
@@ -97,6 +100,10 @@ class Tracker:
         self._client: redis.Redis | None = None
         self._generations: Generations | None = None
         self._background: BackgroundProjector | None = None
+        self._closers: list[Callable[[], None]] = []
+        self.self_projecting = settings.kafka_bootstrap is None
+        """Embedded mode: this process projects what it writes. With Kafka, separate
+        ``tracker project`` processes do, and commands wait for them."""
         self._foreign: str | None = None
         self._log: LogBackend = open_log(settings, create=create)
         try:
@@ -110,10 +117,11 @@ class Tracker:
             self._generations = Generations(self._client, settings.prefix)
             self.writer = Writer(self._log)
             self.projector = Projector(self._log, self._generations)
-            self.reader = Reader(self._generations, on_lost=self._rebuild_lost)
+            on_lost = self._rebuild_lost if self.self_projecting else None
+            self.reader = Reader(self._generations, on_lost=on_lost)
             self._background = BackgroundProjector(self.projector)
             self._bind(catch_up=catch_up)
-            if catch_up and self._foreign is None:
+            if catch_up and self.self_projecting and self._foreign is None:
                 self.projector.catch_up()
         except BaseException:
             self.close()
@@ -148,6 +156,8 @@ class Tracker:
         if self._closed:
             return
         self._closed = True
+        for closer in self._closers:
+            closer()
         if self._background is not None:
             self._background.stop()
             if self._background.notified:
@@ -252,6 +262,11 @@ class Tracker:
         )
         if not positions:
             return result
+        if not self.self_projecting:
+            if wait:
+                for position in positions:
+                    self._wait_for_projectors(position, self.settings.wait_timeout)
+            return result
         if not wait:
             assert self._background is not None
             self._background.notify()
@@ -289,6 +304,10 @@ class Tracker:
         is needed; raises :class:`NotYetVisibleError` after ``timeout`` seconds.
         """
         self._check_projection()
+        seconds = self.settings.wait_timeout if timeout is None else timeout
+        if not self.self_projecting:
+            self._wait_for_projectors(position, seconds)
+            return
         applied = self.reader.applied_position(position.partition)
         if applied is None or applied < position:
             try:
@@ -297,7 +316,21 @@ class Tracker:
                 raise NotYetVisibleError(
                     f"position {position.token()} is not visible yet: {error}", [position]
                 ) from error
-        self.reader.wait_for(position, self.settings.wait_timeout if timeout is None else timeout)
+        self.reader.wait_for(position, seconds)
+
+    def _wait_for_projectors(self, position: Position, timeout: float) -> None:
+        """Kafka mode: wait for the ``tracker project`` processes to apply ``position``."""
+        try:
+            self.reader.wait_for(position, timeout)
+        except NotYetVisibleError as error:
+            partition = position.partition
+            applied = self.reader.applied_position(partition)
+            lag = self._log.count(partition, applied)
+            raise NotYetVisibleError(
+                f"position {position.token()} (durable) is not visible after {timeout:g} s: "
+                f"partition {partition} is {lag} events behind; is `tracker project` running?",
+                error.positions,
+            ) from error
 
     # -- queries -----------------------------------------------------------------------
 
@@ -550,12 +583,23 @@ class Tracker:
     def tailer(
         self, *, report: Callable[[], None] | None = None, report_seconds: float = 10.0
     ) -> Tailer:
-        """A long-running projector over every partition of the log (``tracker project``)."""
+        """A long-running projector (``tracker project``): over every partition of the file
+        log; with Kafka, over the partitions the projectors' consumer group assigns."""
         self._check_projection()
-        partitions = range(self._log.partitions)
-        return Tailer(
-            self.projector, lambda: partitions, report=report, report_seconds=report_seconds
+        settings = self.settings
+        if settings.kafka_bootstrap is None:
+            every = range(self._log.partitions)
+            return Tailer(
+                self.projector, lambda: every, report=report, report_seconds=report_seconds
+            )
+        from tracker.assignments import GroupAssignment
+
+        group = GroupAssignment(
+            settings.kafka_bootstrap, settings.event_topic, f"{settings.prefix}.projectors"
         )
+        self._closers.append(group.close)
+        projector = Projector(self._log, self.generations, batch_records=TAIL_BATCH_RECORDS)
+        return Tailer(projector, group.partitions, report=report, report_seconds=report_seconds)
 
     @_open_only
     def verify(self, progress: Progress | None = None) -> VerifyReport:

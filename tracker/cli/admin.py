@@ -128,7 +128,7 @@ def project(cli: Cli, once: bool, report_every: float) -> None:
     changes nothing twice). Stops cleanly on SIGTERM or Ctrl-C (exit 0) after the batch
     in hand.
     """
-    tracker = cli.tracker(catch_up=False)
+    tracker = cli.tracker(write=True, catch_up=False)
 
     def report() -> None:
         cli.err.print(f"project: {describe_lag(tracker.status().partitions)}")
