@@ -138,6 +138,12 @@ class Generations:
         generation = int(self._begin(keys=[self.meta_key], args=[bound]))
         store = SnapshotStore(self.client, Keys(self.prefix, generation, partitions))
         store.drop()
+        # every checkpoint exists from the start (empty: nothing applied), so that retiring
+        # this generation poisons a partition even if nothing was ever merged into it
+        pipe = self.client.pipeline(transaction=False)
+        for partition in range(partitions):
+            pipe.set(store.keys.checkpoint(partition), "")
+        pipe.execute()
         return store
 
     @redis_boundary("promoting the new generation")

@@ -261,6 +261,11 @@ class Tailer:
     log; a consumer group's assignment with Kafka), asked again at every round. Batches
     are bounded (``batch_records``) so that a live log is applied with little delay, and
     a crash costs at most one batch of work, which the fence makes safe to redo.
+
+    A group can leave a partition with nobody (a member that died and is not yet timed
+    out, a broker that does not rebalance): a partition that lags and whose checkpoint
+    has not moved for ``takeover_seconds`` is applied by this process too. The fence
+    makes that safe whoever else works on it.
     """
 
     def __init__(
@@ -271,21 +276,30 @@ class Tailer:
         idle_seconds: float = 0.05,
         report: Callable[[], None] | None = None,
         report_seconds: float = 10.0,
+        takeover_seconds: float = 10.0,
     ) -> None:
         self.projector = projector
         self.partitions = partitions
         self.idle_seconds = idle_seconds
         self.report = report
         self.report_seconds = report_seconds
+        self.takeover_seconds = takeover_seconds
         self.stop = threading.Event()
+        self._still: dict[int, tuple[Position | None, float]] = {}
 
     def run(self, *, once: bool = False) -> int:
         """Apply until :attr:`stop` is set (or, with ``once``, until caught up); the count."""
         self.projector.ensure_projection()
         applied = 0
-        next_report = time.monotonic() + self.report_seconds
+        now = time.monotonic()
+        next_report = now + self.report_seconds
+        next_watch = now + self.takeover_seconds / 4
         while not self.stop.is_set():
-            done = sum(self.projector.catch_up_partition(p, batches=1) for p in self.partitions())
+            mine = set(self.partitions())
+            if time.monotonic() >= next_watch:
+                mine |= self._stalled(mine)
+                next_watch = time.monotonic() + self.takeover_seconds / 4
+            done = sum(self.projector.catch_up_partition(p, batches=1) for p in sorted(mine))
             applied += done
             if self.report is not None and (once or time.monotonic() >= next_report):
                 self.report()
@@ -295,6 +309,31 @@ class Tailer:
             if not done:
                 self.stop.wait(self.idle_seconds)
         return applied
+
+    def _stalled(self, mine: set[int]) -> set[int]:
+        """Partitions of others that lag with a checkpoint that has not moved for a while."""
+        events, store, now = self.projector.log, self.projector.store, time.monotonic()
+        stalled: set[int] = set()
+        for partition in range(events.partitions):
+            if partition in mine:
+                self._still.pop(partition, None)
+                continue
+            try:
+                applied = store.applied(partition)
+            except GenerationRetiredError:
+                continue
+            seen, since = self._still.get(partition, (applied, now))
+            if seen != applied:
+                seen, since = applied, now
+            self._still[partition] = (seen, since)
+            if now - since >= self.takeover_seconds and events.count(partition, applied):
+                log.warning(
+                    "partition %d has not moved for %.0f s; applying it here too",
+                    partition,
+                    now - since,
+                )
+                stalled.add(partition)
+        return stalled
 
 
 class BackgroundProjector:

@@ -169,6 +169,9 @@ def main(
     current sessions, rebuilt from the log by `tracker replay`.
     """
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    # kafka-python logs every dropped connection with a traceback; the tracker reports an
+    # unreachable broker itself, as one line and exit code 75
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         settings = load_settings(os.environ, data_dir=data_dir, redis_url=redis_url, prefix=prefix)
     except ConfigError as error:
