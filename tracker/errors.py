@@ -11,6 +11,7 @@
     ├── LogError
     │   ├── LogNotFoundError         no event log where one was expected (a mistyped data dir)
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
+    │   ├── PartialAppendError       some partitions of an append were written (retriable)
     │   ├── LogLockedError           an append waited too long for the log's lock (retriable)
     │   └── LogUnavailableError      the Kafka brokers did not answer in time (retriable)
     ├── SnapshotStoreError           Redis refused, or holds another log's projection
@@ -111,6 +112,18 @@ class NotYetVisibleError(TrackerError):
     ``positions`` are the appended events' last positions, one per partition: do not
     append them again; wait for them (``wait_for``) or read later.
     """
+
+    retriable = True
+
+    def __init__(self, message: str, positions: list[Position]) -> None:
+        super().__init__(message)
+        self.positions = positions
+
+
+class PartialAppendError(LogError):
+    """An append over several partitions failed after some were written (Kafka has no
+    transaction across partitions). ``positions`` are the written ones; appending the
+    whole batch again is safe, since applying an event twice in a row changes nothing."""
 
     retriable = True
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import msgspec
 from msgspec import structs
 
-from tracker.errors import InvalidInputError
+from tracker.errors import InvalidInputError, PartialAppendError, TrackerError
 from tracker.events import (
     AnyEvent,
     Event,
@@ -55,7 +55,30 @@ class Writer:
         groups: dict[int, list[bytes]] = {}
         for event, record in zip(events, records, strict=True):
             groups.setdefault(self.partition(event.session_id), []).append(record)
-        return [self.log.append(partition, group) for partition, group in groups.items()]
+        return self._append_groups(groups)
+
+    def _append_groups(self, groups: dict[int, list[bytes]]) -> list[Appended]:
+        """One append per partition; if one fails after others, say which were written.
+
+        There is no transaction across partitions. Every event can be applied twice in a
+        row without changing the result (offsets are max-registers, a second create or
+        delete changes nothing, a reset or title sets the same value), so the remedy for
+        a partial append is to append the whole batch again.
+        """
+        done: list[Appended] = []
+        for partition, group in groups.items():
+            try:
+                done.append(self.log.append(partition, group))
+            except TrackerError as error:
+                if not done:
+                    raise
+                raise PartialAppendError(
+                    f"appended to partition(s) {', '.join(str(a.partition) for a in done)} "
+                    f"but not to {partition}: {error}; append the whole batch again (safe: "
+                    "applying an event twice in a row changes nothing)",
+                    [a.last for a in done if a.last is not None],
+                ) from error
+        return done
 
     def commit_many(self, commits: Iterable[Commit]) -> tuple[list[Commit], list[Appended]]:
         """Append ``(session_id, consumer, offset)`` commits; validated as a whole first."""
