@@ -950,7 +950,7 @@ def test_verify_finds_drift_and_replay_repairs_it(
     assert any(line.startswith("vfy-a") for line in lines[:-1]), lines
     assert not any("vfy-b" in line or "vfy-c" in line for line in lines), lines
 
-    redis_client.hset(snapshot_key(redis_client, prefix, "vfy-b"), "o:client", "999")
+    redis_client.hset(snapshot_key(redis_client, prefix, "vfy-b"), "oclient", "999")
     report = cli.run("verify", "--json")
     assert report.exit_code == 1, describe(report)
     parsed = json.loads(report.stdout)

@@ -594,7 +594,7 @@ def test_offsets_near_2_63_survive_the_lua_merge_exactly(
         state = store.get(0, "s1")
         assert state is not None
         assert state.offsets == {"client": expected}
-        assert store.client.hget(store.keys.session(0, "s1"), "o:client") == str(expected)
+        assert store.client.hget(store.keys.session(0, "s1"), "oclient") == str(expected)
         assert_projection(store, log, events)
 
 

@@ -461,7 +461,7 @@ def test_verify_names_damaged_sessions(tracker: Tracker, redis_client: redis.Red
     assert clean.sessions == 4
     store = tracker.store
     a, b = ids[0], ids[1]
-    redis_client.hset(store.keys.session(0, a), "o:client", "999")
+    redis_client.hset(store.keys.session(0, a), "oclient", "999")
     redis_client.delete(store.keys.session(0, b))
     report = tracker.verify()
     problems = {d.session_id: d.problem for d in report.differences}
@@ -520,8 +520,8 @@ def test_verify_catches_a_snapshot_behind_its_checkpoint(
     with private_redis.client() as client:
         # Redis lost a write but kept the checkpoint (e.g. a hand edit or a bad restore)
         for key in client.scan_iter("trk:*"):
-            if client.type(key) == "hash" and client.hexists(key, "o:client"):
-                client.hset(key, "o:client", "0")
+            if client.type(key) == "hash" and client.hexists(key, "oclient"):
+                client.hset(key, "oclient", "0")
     # a reopen does not re-apply what the checkpoint says is applied; verify sees it
     with Tracker.open(settings=private_settings) as tracker:
         assert tracker.offsets("s1") == {"client": 0}
@@ -946,3 +946,17 @@ def test_closing_while_other_threads_commit_raises_only_tracker_errors(
         thread.join()
     assert unexpected == []
     assert all(error.positions for error in appended_but_closed)
+
+
+def test_a_projection_of_an_older_schema_is_refused_until_replay(
+    tracker: Tracker, settings: Settings, redis_client: redis.Redis
+) -> None:
+    populate(tracker)
+    tracker.close()
+    redis_client.hset(f"{settings.prefix}:meta", "schema", "1")
+    with Tracker.open(settings=settings) as reopened:
+        with pytest.raises(SnapshotStoreError, match="another version .* run `tracker replay`"):
+            reopened.get_session("sess-a")
+        reopened.replay()
+        assert reopened.offsets("sess-a") == {"client": 5, "notifier": 2}
+    assert redis_client.hget(f"{settings.prefix}:meta", "schema") == "2"

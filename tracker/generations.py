@@ -59,6 +59,7 @@ class Meta(Struct, frozen=True):
     generation: int
     log_id: str
     partitions: int
+    schema: str = SCHEMA_VERSION
 
 
 def _parse(values: dict[str, str]) -> Meta | None:
@@ -66,7 +67,12 @@ def _parse(values: dict[str, str]) -> Meta | None:
     if "generation" not in values:
         return None
     try:
-        return Meta(int(values["generation"]), values["log_id"], int(values["partitions"]))
+        return Meta(
+            int(values["generation"]),
+            values["log_id"],
+            int(values["partitions"]),
+            values.get("schema", "1"),
+        )
     except (KeyError, ValueError):
         raise SnapshotStoreError(f"the projection's meta hash is damaged: {values!r}") from None
 

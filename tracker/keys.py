@@ -4,7 +4,7 @@
 
     <prefix>:meta                          hash: generation, log_id, partitions, schema
     <prefix>:g<G>:{<tag N>}:cp             partition N's checkpoint (last applied position)
-    <prefix>:g<G>:{<tag N>}:s:<session>    hash: a, u, c, t, d, o:<consumer> (see FIELDS)
+    <prefix>:g<G>:{<tag N>}:s:<session>    hash: a, u, c (microseconds), t, d, o<consumer>
     <prefix>:g<G>:{<tag N>}:u:<user>       hash: session id -> 1 (sessions of a user)
     <prefix>:g<G>:{<tag N>}:a:<agent>      hash: session id -> 1 (sessions of an agent)
 
@@ -20,7 +20,10 @@ from functools import lru_cache
 SLOTS = 16384
 
 AGENT, USER, CREATED_AT, TITLE, DELETED = "a", "u", "c", "t", "d"
-OFFSET_PREFIX = "o:"
+OFFSET_PREFIX = "o"
+"""Offset fields are "o" + the consumer: longer than the one-letter fixed fields, so
+unambiguous, and a byte shorter than "o:" (which moves many hashes to a smaller
+allocation)."""
 
 
 def _crc16_table() -> list[int]:

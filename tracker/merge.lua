@@ -9,7 +9,7 @@
 --   k flags n  f1..fn  r1..rn  a1..an  [create: ui ai id agent user created tc? tc]  [title: t? t]
 --   k       index in KEYS of the session hash
 --   flags   'x' deleted, or any of 'c' (a create follows) and 't' (a title change follows)
---   f, r, a offset field names ('o:<consumer>'), reset_to and at_least ('' for none);
+--   f, r, a offset field names ('o<consumer>'), reset_to and at_least ('' for none);
 --           offsets are decimal strings because Lua numbers are doubles
 --   create  index keys, session id, fields, and the title if that create takes effect
 --           (tc? is '1' for a title, '0' for none)

@@ -51,7 +51,7 @@ from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
 from tracker.results import AppendResult, CommitResult, ResetPlan
 from tracker.settings import Settings, mask_url
-from tracker.snapshots import SnapshotStore, check_redis
+from tracker.snapshots import SCHEMA_VERSION, SnapshotStore, check_redis
 from tracker.status import Status, status, unprojected
 from tracker.writer import Commit, Writer
 
@@ -207,6 +207,14 @@ class Tracker:
                 "replace that projection with this log's"
             )
             generations.refresh()
+            return
+        meta = generations.read()
+        if meta is not None and meta.schema != SCHEMA_VERSION:
+            self._foreign = (
+                f"the projection under the prefix {generations.prefix!r} was written by "
+                f"another version of the tracker (schema {meta.schema}; this one writes "
+                f"{SCHEMA_VERSION}): run `tracker replay` to rebuild it from the log"
+            )
             return
         generations.log_id = self._log.log_id
         if not generations.refresh():

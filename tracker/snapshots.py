@@ -35,7 +35,8 @@ from tracker.keys import Keys
 
 MERGE_LUA = resources.files("tracker").joinpath("merge.lua").read_text()
 MERGE_SHA = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+"""2: offsets under "o<consumer>" and created_at in microseconds (1: "o:<consumer>", ISO text)."""
 RETIRED = "retired"
 """The checkpoint of a generation that ``replay`` replaced: every fenced merge fails on it."""
 _encode_strings = msgspec.msgpack.Encoder().encode
