@@ -31,10 +31,16 @@ Ready = Callable[[int], bool]
 
 
 def free_port() -> int:
-    """A port that was free a moment ago: bind ``127.0.0.1:0`` and let the kernel choose."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port that was free a moment ago: bind ``127.0.0.1:0`` and let the kernel choose.
+
+    At most 55535: a cluster-enabled redis-server also listens 10,000 ports higher.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port <= 55535:
+            return port
 
 
 def stop_process(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:

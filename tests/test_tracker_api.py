@@ -955,7 +955,7 @@ def test_a_projection_of_an_older_schema_is_refused_until_replay(
     tracker.close()
     redis_client.hset(f"{settings.prefix}:meta", "schema", "1")
     with Tracker.open(settings=settings) as reopened:
-        with pytest.raises(SnapshotStoreError, match="another version .* run `tracker replay`"):
+        with pytest.raises(SnapshotStoreError, match=r"another version .* run `tracker replay`"):
             reopened.get_session("sess-a")
         reopened.replay()
         assert reopened.offsets("sess-a") == {"client": 5, "notifier": 2}
