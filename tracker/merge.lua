@@ -41,11 +41,17 @@ while i <= last do
     title = i
     i = i + 2
   end
-  local stored = redis.call('HMGET', key, 'd', 'c')
-  for from = fields, fields + n - 1, SLICE do
-    local values = redis.call('HMGET', key, unpack(delta, from, math.min(from + SLICE, fields + n) - 1))
-    for j = 1, #values do
-      stored[#stored + 1] = values[j] or false
+  local stored
+  if n <= SLICE then
+    stored = redis.call('HMGET', key, 'd', 'c', unpack(delta, fields, fields + n - 1))
+  else
+    stored = redis.call('HMGET', key, 'd', 'c')
+    for from = fields, fields + n - 1, SLICE do
+      local last = math.min(from + SLICE, fields + n) - 1
+      local values = redis.call('HMGET', key, unpack(delta, from, last))
+      for j = 1, #values do
+        stored[#stored + 1] = values[j] or false
+      end
     end
   end
   if not stored[1] then
