@@ -93,6 +93,7 @@ def replay(
     finally:
         store.close()
     seconds = time.perf_counter() - started
+    generations.refresh()  # superseded: bind to the generation that won
     generations.retire_older()
     active = generations.store
     return ReplayReport(
