@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("replay", "commit_async", "commit", "latency", "get", "memory", "fold")
+CASES = (
+    "replay",
+    "commit_async",
+    "commit",
+    "latency",
+    "get",
+    "memory",
+    "fold",
+    "kafka_append",
+)
 
 QUICK: dict[str, list[str]] = {
     "replay": ["--events", "300000", "--repeat", "1"],
@@ -26,6 +35,7 @@ QUICK: dict[str, list[str]] = {
     "get": ["--gets", "5000", "--repeat", "1"],
     "memory": ["--secondary-sessions", "10000"],
     "fold": ["--events", "200000", "--repeat", "1"],
+    "kafka_append": ["--calls", "24", "--repeat", "1"],
 }
 
 
