@@ -25,6 +25,7 @@ CASES = (
     "memory",
     "fold",
     "kafka_append",
+    "kafka_replay",
 )
 
 QUICK: dict[str, list[str]] = {
@@ -36,6 +37,7 @@ QUICK: dict[str, list[str]] = {
     "memory": ["--secondary-sessions", "10000"],
     "fold": ["--events", "200000", "--repeat", "1"],
     "kafka_append": ["--calls", "24", "--repeat", "1"],
+    "kafka_replay": ["--events", "200000", "--repeat", "1"],
 }
 
 
