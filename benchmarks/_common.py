@@ -425,6 +425,34 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
         process.wait()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (from /proc; NaN if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine so far, to compute busy CPUs over a span."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+
+
+def busy_between(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """CPUs kept busy (by anything) between two :func:`machine_busy_ticks` readings."""
+    total, idle = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return 0.0
+    return round((1 - idle / total) * (os.cpu_count() or 1), 2)
+
+
 class TansuBroker:
     """A Tansu broker (memory storage) on a free loopback port, stopped by PID."""
 
@@ -446,12 +474,7 @@ class TansuBroker:
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) the broker process has used so far."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.pid)
 
     def stop(self) -> None:
         stop_process(self.process)
