@@ -26,6 +26,7 @@ CASES = (
     "fold",
     "kafka_append",
     "kafka_replay",
+    "kafka_delay",
 )
 
 QUICK: dict[str, list[str]] = {
@@ -38,6 +39,7 @@ QUICK: dict[str, list[str]] = {
     "fold": ["--events", "200000", "--repeat", "1"],
     "kafka_append": ["--calls", "24", "--repeat", "1"],
     "kafka_replay": ["--events", "200000", "--repeat", "1"],
+    "kafka_delay": ["--seconds", "5", "--warmup", "1", "--raw-seconds", "3"],
 }
 
 
