@@ -679,7 +679,7 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.repeat != 1:
-        p.error("--repeat: this case runs once (about 75 s); run it again for another sample")
+        p.error("--repeat: this case runs once (about 55 s); run it again for another sample")
     with (
         workdir(args.tmpdir, "kafka-delay") as tmp,
         tansu_broker(tmp / "kafka") as broker,
