@@ -68,7 +68,7 @@ def test_status_shows_the_lag_and_project_once_applies_it(env: dict[str, str]) -
 
     done = tracker("project", "--once", env=env)
     assert done.returncode == 0, done.stderr
-    assert "lag 0 events" in done.stderr
+    assert "caught up on every partition" in done.stderr
     assert status(env)["partitions"] == [
         {"partition": 0, "end": "0:1:4", "applied": "0:1:4", "lag": 0}
     ]
@@ -101,7 +101,7 @@ def test_project_tails_the_log_and_stops_cleanly(env: dict[str, str], tmp_path: 
         for offset in range(1, 6):
             append_unprojected(env, range(3), offset)
             wait_until(lambda: status(env)["partitions"][0]["lag"] == 0)  # type: ignore[index]
-        wait_until(lambda: "lag 0 events" in log.read_text())
+        wait_until(lambda: "caught up on every partition" in log.read_text())
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(timeout=30) == 0, log.read_text()
     finally:

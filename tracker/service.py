@@ -52,7 +52,7 @@ from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, repl
 from tracker.results import AppendResult, CommitResult, ResetPlan
 from tracker.settings import Settings, mask_url
 from tracker.snapshots import SCHEMA_VERSION, SnapshotStore, check_redis
-from tracker.status import Status, status, unprojected
+from tracker.status import Status, batches_behind, describe_lag, status, unprojected
 from tracker.writer import Commit, Writer
 
 log = logging.getLogger("tracker")
@@ -586,6 +586,11 @@ class Tracker:
         if not self.generations.refresh():  # nothing projected yet: generation 0
             return Status(0, [unprojected(self._log, p) for p in range(self._log.partitions)])
         return status(self._log, self.generations.store)
+
+    @_open_only
+    def lag_report(self) -> str:
+        """One cheap line on how far the projection is behind (``tracker project``'s log)."""
+        return describe_lag(batches_behind(self._log, self.generations.store))
 
     @_open_only
     def tailer(

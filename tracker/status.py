@@ -52,8 +52,28 @@ def status(log: LogBackend, store: SnapshotStore) -> Status:
     )
 
 
-def describe_lag(partitions: list[PartitionStatus]) -> str:
-    """One line for a periodic log: the total lag and the partitions that have any."""
-    behind = [f"p{p.partition}={p.lag}" for p in partitions if p.lag]
-    total = sum(p.lag for p in partitions)
-    return f"lag {total} events" + (f" ({', '.join(behind)})" if behind else "")
+def batches_behind(log: LogBackend, store: SnapshotStore) -> dict[int, int]:
+    """Per partition, how many batches (file frames, Kafka records) the checkpoint is behind.
+
+    Cheap (the log's end and a checkpoint per partition, no counting of events), for a
+    report that a long-running projector prints often; ``tracker status`` counts events.
+    """
+    behind: dict[int, int] = {}
+    for partition in range(log.partitions):
+        end = log.end(partition)
+        applied = store.applied(partition)
+        if end is None or (applied is not None and applied >= end):
+            behind[partition] = 0
+        elif applied is None:
+            behind[partition] = end.offset + 1
+        else:
+            behind[partition] = max(end.offset - applied.offset, 1)
+    return behind
+
+
+def describe_lag(behind: dict[int, int]) -> str:
+    """One line for a periodic log: caught up, or the partitions that lag and by how much."""
+    lagging = [f"p{p}={n}" for p, n in sorted(behind.items()) if n]
+    if not lagging:
+        return "caught up on every partition"
+    return f"behind by {sum(behind.values())} batches ({', '.join(lagging)})"

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from tracker.cli.app import EXIT_FAILED, main
 from tracker.cli.output import Cli, json_option, pass_cli
-from tracker.status import describe_lag
 
 
 @main.command()
@@ -29,7 +28,7 @@ def replay(cli: Cli, force: bool, as_json: bool) -> None:
     atomically and they rebind by themselves.
     """
     tracker = cli.tracker(catch_up=False)
-    with cli.progress("replaying", tracker.event_count()) as advance:
+    with cli.progress("replaying", tracker.event_count) as advance:
         report = tracker.replay(advance, force=force)
     if as_json:
         cli.json_line(report)
@@ -52,7 +51,7 @@ def replay(cli: Cli, force: bool, as_json: bool) -> None:
 def verify(cli: Cli, as_json: bool) -> None:
     """Fold the log in memory and compare every session with Redis (exit 1 on drift)."""
     tracker = cli.tracker(catch_up=False)
-    with cli.progress("verifying", tracker.event_count()) as advance:
+    with cli.progress("verifying", tracker.event_count) as advance:
         report = tracker.verify(advance)
     if as_json:
         cli.json_line(report)
@@ -131,7 +130,7 @@ def project(cli: Cli, once: bool, report_every: float) -> None:
     tracker = cli.tracker(write=True, catch_up=False)
 
     def report() -> None:
-        cli.err.print(f"project: {describe_lag(tracker.status().partitions)}")
+        cli.err.print(f"project: {tracker.lag_report()}")
 
     tailer = tracker.tailer(report=report, report_seconds=report_every)
 

@@ -59,8 +59,14 @@ class Cli:
         self.out.print(text)
 
     @contextmanager
-    def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        """A progress bar on a terminal (stderr); silent otherwise."""
+    def progress(
+        self, description: str, total: Callable[[], int] | None
+    ) -> Iterator[Callable[[int], None]]:
+        """A progress bar on a terminal (stderr); silent otherwise.
+
+        ``total`` is only called for a bar that is shown: counting a Kafka topic's events
+        means reading it.
+        """
         if not self.err.is_terminal:
             yield lambda _: None
             return
@@ -71,7 +77,7 @@ class Cli:
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.err, transient=True) as bar:
-            task = bar.add_task(description, total=total)
+            task = bar.add_task(description, total=total() if total is not None else None)
             yield lambda n: bar.advance(task, n)
 
     # -- renderers -------------------------------------------------------------------
