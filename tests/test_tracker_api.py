@@ -960,3 +960,12 @@ def test_a_projection_of_an_older_schema_is_refused_until_replay(
         reopened.replay()
         assert reopened.offsets("sess-a") == {"client": 5, "notifier": 2}
     assert redis_client.hget(f"{settings.prefix}:meta", "schema") == "2"
+
+
+def test_ids_validated_before_do_not_let_near_copies_through(tracker: Tracker) -> None:
+    """Validated strings are remembered; only the exact same string skips the check."""
+    tracker.commit_many([("known-1", "client", 1)])
+    for bad in ("known-1\n", "known-1 ", "known-1" + "x" * 60):
+        with pytest.raises(InvalidInputError, match="session_id"):
+            tracker.commit_many([("known-1", "client", 2), (bad, "client", 2)])
+    assert tracker.offsets("known-1") == {"client": 1}
