@@ -25,7 +25,14 @@ from msgspec import Struct
 
 from tracker.errors import SnapshotStoreError
 from tracker.keys import Keys
-from tracker.snapshots import READ_CHUNK, RETIRED, SCHEMA_VERSION, SnapshotStore, redis_boundary
+from tracker.snapshots import (
+    READ_CHUNK,
+    RETIRED,
+    SCHEMA_VERSION,
+    SnapshotStore,
+    redis_boundary,
+    unlink_matching,
+)
 
 _BEGIN = """
 local n = redis.call('HINCRBY', KEYS[1], 'next_generation', 1)
@@ -193,18 +200,9 @@ class Generations:
             if older(str(key)):
                 pipe.set(key, RETIRED)
         pipe.execute()
-        removed = 0
-        pending: list[str] = []
-        for key in self.client.scan_iter(match=f"{self.prefix}:g*", count=READ_CHUNK):
-            name = str(key)
-            if older(name) and not name.endswith(":cp"):
-                pending.append(name)
-            if len(pending) >= READ_CHUNK:
-                removed += int(self.client.unlink(*pending))
-                pending = []
-        if pending:
-            removed += int(self.client.unlink(*pending))
-        return removed
+        return unlink_matching(
+            self.client, f"{self.prefix}:g*", lambda key: older(key) and not key.endswith(":cp")
+        )
 
     def close(self) -> None:
         if self._store is not None:

@@ -446,13 +446,20 @@ class SnapshotStore:
     @redis_boundary("dropping a generation")
     def drop(self) -> int:
         """Delete every key of this generation; returns how many."""
-        removed = 0
-        pending: list[str] = []
-        for key in self.client.scan_iter(match=self.keys.generation_pattern(), count=READ_CHUNK):
+        return unlink_matching(self.client, self.keys.generation_pattern(), lambda _: True)
+
+
+def unlink_matching(client: redis.Redis, pattern: str, wanted: Callable[[str], bool]) -> int:
+    """``UNLINK`` the keys matching ``pattern`` that ``wanted`` accepts, a thousand at a
+    time as ``SCAN`` finds them (never all of them in memory); returns how many."""
+    removed = 0
+    pending: list[str] = []
+    for key in client.scan_iter(match=pattern, count=READ_CHUNK):
+        if wanted(str(key)):
             pending.append(key)
-            if len(pending) >= READ_CHUNK:
-                removed += int(self.client.unlink(*pending))
-                pending = []
-        if pending:
-            removed += int(self.client.unlink(*pending))
-        return removed
+        if len(pending) >= READ_CHUNK:
+            removed += int(client.unlink(*pending))
+            pending = []
+    if pending:
+        removed += int(client.unlink(*pending))
+    return removed
