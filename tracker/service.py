@@ -9,83 +9,46 @@ may open the same data dir.
 
 from __future__ import annotations
 
-import functools
 import logging
-import secrets
-import string
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Concatenate, ParamSpec, TypeVar
 
 import redis
-from msgspec import structs
 
+from tracker.commands import Commands, open_only
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
     ClosedError,
     NotYetVisibleError,
-    SessionExistsError,
-    SessionNotFoundError,
     SnapshotStoreError,
     SnapshotUnavailableError,
     TrackerError,
 )
 from tracker.events import (
     AnyEvent,
-    OffsetCommitted,
-    OffsetReset,
     Position,
-    SessionCreated,
-    SessionDeleted,
-    TitleChanged,
-    new_event_ids,
-    utcnow,
 )
 from tracker.fold import BatchFolder, SessionState
 from tracker.generations import Generations
 from tracker.logs import Appended, LogBackend, events_of, open_log
-from tracker.model import AgentId, ConsumerName, Offset, SessionDTO, SessionId, Title, checked
+from tracker.model import SessionDTO
 from tracker.projector import BackgroundProjector, Progress, Projector, Tailer
 from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
-from tracker.results import AppendResult, CommitResult, ResetPlan
+from tracker.results import AppendResult
 from tracker.settings import Settings, mask_url
 from tracker.snapshots import SCHEMA_VERSION, SnapshotStore, check_redis
 from tracker.status import Status, batches_behind, describe_lag, status, unprojected
-from tracker.writer import Commit, Writer
+from tracker.writer import Writer
 
 log = logging.getLogger("tracker")
 
 TAIL_BATCH_RECORDS = 100_000
 """Records per batch of ``tracker project``: small enough to poll the group often."""
 
-_ID_ALPHABET = string.ascii_letters + string.digits
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def new_id() -> str:
-    """A 10-character id of ``[A-Za-z0-9]``, the shape flux0 generates."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
-
-
-def _open_only(
-    method: Callable[Concatenate[Tracker, P], R],
-) -> Callable[Concatenate[Tracker, P], R]:
-    """Refuse calls on a closed tracker with a clear, non-retriable error."""
-
-    @functools.wraps(method)
-    def call(self: Tracker, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._closed:
-            raise ClosedError("the tracker is closed; open a new one with Tracker.open()")
-        return method(self, *args, **kwargs)
-
-    return call
-
-
-class Tracker:
+class Tracker(Commands):
     """Sessions and their consumption offsets, event-sourced; open with :meth:`open`.
 
     ``catch_up=False`` skips projecting the log at open (``replay`` and ``verify`` do
@@ -304,7 +267,7 @@ class Tracker:
         folder.add(events)
         return self._project(appended, folder, wait=wait)
 
-    @_open_only
+    @open_only
     def wait_for(self, position: Position, timeout: float | None = None) -> None:
         """Block until ``position`` is visible to reads (read-your-writes).
 
@@ -342,19 +305,19 @@ class Tracker:
 
     # -- queries -----------------------------------------------------------------------
 
-    @_open_only
+    @open_only
     def session_state(self, session_id: str) -> SessionState | None:
         """Everything the projection knows about an id, tombstones and never-created included."""
         self._check_projection()
         return self.reader.session_state(session_id)
 
-    @_open_only
+    @open_only
     def get_session(self, session_id: str) -> SessionDTO | None:
         """The session, or ``None`` if it is unknown, deleted or was never created."""
         self._check_projection()
         return self.reader.get_session(session_id)
 
-    @_open_only
+    @open_only
     def list_sessions(
         self, *, user_id: str | None = None, agent_id: str | None = None
     ) -> list[SessionDTO]:
@@ -362,213 +325,30 @@ class Tracker:
         self._check_projection()
         return self.reader.list_sessions(user_id=user_id, agent_id=agent_id)
 
-    @_open_only
+    @open_only
     def offsets(self, session_id: str) -> dict[str, int]:
         """A session's offsets; also for a session that has offsets but was never created."""
         self._check_projection()
         return self.reader.offsets(session_id)
 
-    @_open_only
+    @open_only
     def applied_position(self, partition: int = 0) -> Position | None:
         """The last log position applied to Redis for a partition."""
         self._check_projection()
         return self.reader.applied_position(partition)
 
-    def _live(self, session_id: str) -> SessionState:
-        state = self.reader.session_state(session_id)
-        if state is None or not state.created:
-            if state is not None and not state.deleted and state.offsets:
-                raise SessionNotFoundError(
-                    f"session {session_id} has offsets but was never created"
-                )
-            if state is None or not state.deleted:
-                raise SessionNotFoundError(f"session {session_id} not found")
-        if state.deleted:
-            raise SessionNotFoundError(f"session {session_id} was deleted")
-        return state
-
-    # -- commands ----------------------------------------------------------------------
-
-    @_open_only
-    def create_session(
-        self,
-        agent_id: str,
-        user_id: str,
-        *,
-        session_id: str | None = None,
-        title: str | None = None,
-        wait: bool = True,
-    ) -> SessionDTO:
-        """Create a session; ``session_id`` defaults to a new 10-character id."""
-        checked(agent_id, AgentId, "agent_id")
-        checked(user_id, SessionId, "user_id")
-        if title is not None:
-            checked(title, Title, "title")
-        sid = new_id() if session_id is None else str(checked(session_id, SessionId, "session_id"))
-        self._check_projection()
-        existing = self.reader.session_state(sid)
-        if existing is not None and existing.deleted:
-            raise SessionExistsError(f"session {sid} was deleted; ids are never reused")
-        if existing is not None and existing.created:
-            raise SessionExistsError(f"session {sid} already exists")
-        (event_id,) = new_event_ids(1)
-        now = utcnow()
-        created = SessionCreated(
-            session_id=sid, agent_id=agent_id, user_id=user_id, created_at=now,
-            title=title, event_id=event_id, recorded_at=now,
-        )  # fmt: skip
-        self._append([created], wait=wait)
-        offsets = dict(existing.offsets) if existing is not None else {}
-        return SessionDTO(sid, agent_id, user_id, offsets, now, title)
-
-    @_open_only
-    def rename(self, session_id: str, title: str | None, *, wait: bool = True) -> SessionDTO:
-        """Set (or with ``None`` clear) the title; the last rename in log order wins."""
-        if title is not None:
-            checked(title, Title, "title")
-        self._check_projection()
-        state = self._live(session_id)
-        (event_id,) = new_event_ids(1)
-        event = TitleChanged(
-            session_id=session_id, title=title, event_id=event_id, recorded_at=utcnow()
-        )
-        self._append([event], wait=wait)
-        dto = structs.replace(state, title=title).to_dto()
-        assert dto is not None  # _live returned a created, undeleted session
-        return dto
-
-    @_open_only
-    def delete_session(self, session_id: str, *, wait: bool = True) -> Position:
-        """Delete a session; it disappears from queries and later events change nothing."""
-        self._check_projection()
-        state = self.reader.session_state(session_id)
-        if state is None:
-            raise SessionNotFoundError(f"session {session_id} not found")
-        if state.deleted:
-            raise SessionNotFoundError(f"session {session_id} was already deleted")
-        (event_id,) = new_event_ids(1)
-        event = SessionDeleted(session_id=session_id, event_id=event_id, recorded_at=utcnow())
-        result = self._append([event], wait=wait)
-        assert result.last is not None  # one event was appended
-        return result.last
-
-    @_open_only
-    def commit(
-        self, session_id: str, consumer: str, offset: int, *, strict: bool = True, wait: bool = True
-    ) -> CommitResult:
-        """Record that ``consumer`` processed ``session_id`` up to ``offset`` (inclusive).
-
-        Offsets only move forward: a lower value is recorded but changes nothing (see
-        :attr:`CommitResult.stale`). With ``strict`` the session must exist.
-        """
-        checked(consumer, ConsumerName, "consumer")
-        checked(offset, Offset, "offset")
-        self._check_projection()
-        if strict:
-            state: SessionState | None = self._live(session_id)
-        else:
-            state = self.reader.session_state(session_id)
-        (event_id,) = new_event_ids(1)
-        event = OffsetCommitted(
-            session_id=session_id, consumer=consumer, offset=offset,
-            event_id=event_id, recorded_at=utcnow(),
-        )  # fmt: skip
-        result = self._append([event], wait=wait)
-        assert result.last is not None  # one event was appended
-        if state is not None and state.deleted:
-            return CommitResult(session_id, consumer, offset, None, None, result.last, True)
-        previous = state.offsets.get(consumer) if state is not None else None
-        current = previous if previous is not None and previous > offset else offset
-        return CommitResult(session_id, consumer, offset, previous, current, result.last)
-
-    @_open_only
-    def commit_many(
-        self, commits: Iterable[Commit], *, strict: bool = False, wait: bool = True
-    ) -> AppendResult:
-        """Append many ``(session_id, consumer, offset)`` commits as one log append.
-
-        Validated as a whole first: one bad item rejects them all. With ``strict`` every
-        session must exist. With ``wait=False`` it returns once the log has them (the
-        durability point) and a background thread projects them.
-        """
-        self._check_projection()
-        if strict:
-            from tracker.writer import validate_commits
-
-            commits = validate_commits(commits)
-            self._require_live({sid for sid, _, _ in commits})
-        items, appended = self.writer.commit_many(commits)
-        folder: BatchFolder | None = None
-        if wait and len(appended) == 1:
-            folder = BatchFolder()
-            folder.add_commits(items)
-        return self._project(appended, folder, wait=wait)
-
-    def _require_live(self, session_ids: set[str]) -> None:
-        """Refuse unless every (already validated) id is a created, undeleted session."""
-        wanted = sorted(session_ids)
-        store = self.store
-        missing = store.not_live([(self.reader.partition(sid), sid) for sid in wanted])
-        if missing:
-            raise SessionNotFoundError(
-                f"session {missing[0]} not found "
-                "(use strict=False to keep offsets of unknown sessions)"
-            )
-
-    @_open_only
-    def plan_reset(self, session_id: str, consumer: str, offset: int) -> ResetPlan:
-        """What :meth:`reset_offset` would do, without doing it."""
-        checked(consumer, ConsumerName, "consumer")
-        checked(offset, Offset, "offset")
-        self._check_projection()
-        state = self.reader.session_state(session_id)
-        if state is None or state.deleted:
-            raise SessionNotFoundError(f"session {session_id} not found")
-        return ResetPlan(session_id, consumer, state.offsets.get(consumer), offset)
-
-    @_open_only
-    def reset_offset(
-        self,
-        session_id: str,
-        consumer: str,
-        offset: int,
-        *,
-        reason: str | None = None,
-        actor: str | None = None,
-        wait: bool = True,
-    ) -> ResetPlan:
-        """Set an offset, backwards too: an operator's act, recorded with who and why."""
-        plan = self.plan_reset(session_id, consumer, offset)
-        (event_id,) = new_event_ids(1)
-        event = OffsetReset(
-            session_id=session_id, consumer=consumer, offset=offset, actor=actor, reason=reason,
-            event_id=event_id, recorded_at=utcnow(),
-        )  # fmt: skip
-        result = self._append([event], wait=wait)
-        return structs.replace(plan, applied=True, position=result.last)
-
-    @_open_only
-    def import_events(self, events: Iterable[AnyEvent], *, wait: bool = True) -> AppendResult:
-        """Append events as given (e.g. from another log's export): all or nothing.
-
-        Streams: memory stays bounded whatever the size. Missing ``event_id`` and
-        ``recorded_at`` are filled in; a ``position`` is dropped (the log assigns new ones).
-        """
-        self._check_projection()
-        return self._project(self.writer.import_events(events), None, wait=wait)
-
-    @_open_only
+    @open_only
     def export_events(self) -> Iterator[AnyEvent]:
         """Every event in log order, each with its ``position``."""
         return events_of(self._log)
 
-    @_open_only
+    @open_only
     def event_count(self) -> int:
         return sum(self._log.count(p) for p in range(self._log.partitions))
 
     # -- rebuild and check -------------------------------------------------------------
 
-    @_open_only
+    @open_only
     def replay(self, progress: Progress | None = None, *, force: bool = False) -> ReplayReport:
         """Rebuild the projection from the start of the log in a new generation, then promote it.
 
@@ -579,7 +359,7 @@ class Tracker:
         self._foreign = None
         return report
 
-    @_open_only
+    @open_only
     def status(self) -> Status:
         """Per partition: the log's end, the applied checkpoint and the lag."""
         self._check_projection()
@@ -587,12 +367,12 @@ class Tracker:
             return Status(0, [unprojected(self._log, p) for p in range(self._log.partitions)])
         return status(self._log, self.generations.store)
 
-    @_open_only
+    @open_only
     def lag_report(self) -> str:
         """One cheap line on how far the projection is behind (``tracker project``'s log)."""
         return describe_lag(batches_behind(self._log, self.generations.store))
 
-    @_open_only
+    @open_only
     def tailer(
         self, *, report: Callable[[], None] | None = None, report_seconds: float = 10.0
     ) -> Tailer:
@@ -614,7 +394,7 @@ class Tracker:
         projector = Projector(self._log, self.generations, batch_records=TAIL_BATCH_RECORDS)
         return Tailer(projector, group.partitions, report=report, report_seconds=report_seconds)
 
-    @_open_only
+    @open_only
     def verify(self, progress: Progress | None = None) -> VerifyReport:
         """Fold the log in memory up to the applied checkpoint; compare every session with Redis."""
         return verify(self._log, self.store, progress)
