@@ -230,7 +230,8 @@ class Projector:
         read = 0
         upto: Position | None = None
         while read < self.batch_records and folder.size < self.max_sessions:
-            batches = self.log.read(partition, after, min(READ_RECORDS, self.batch_records - read))
+            wanted = min(READ_RECORDS, self.batch_records - read)
+            batches = self.log.read(partition, after, wanted)
             if not batches:
                 break
             events = decode_batches(batches, decode_event_lean)
@@ -239,6 +240,8 @@ class Projector:
             upto = after = batches[-1].last
             if progress is not None:
                 progress(len(events))
+            if len(events) < wanted:
+                break  # a short read reached the end: asking again would only wait
         return folder.finish(), read, upto
 
     def _finish_partial(
