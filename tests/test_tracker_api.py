@@ -41,6 +41,7 @@ from tracker.events import (
 )
 from tracker.logs.file import FileLog
 from tracker.model import MAX_OFFSET
+from tracker.projector import Projector
 from tracker.rebuild import ReplayReport
 
 ID = re.compile(r"^[A-Za-z0-9]{10}$")
@@ -969,3 +970,39 @@ def test_ids_validated_before_do_not_let_near_copies_through(tracker: Tracker) -
         with pytest.raises(InvalidInputError, match="session_id"):
             tracker.commit_many([("known-1", "client", 2), (bad, "client", 2)])
     assert tracker.offsets("known-1") == {"client": 1}
+
+
+def test_a_commit_right_after_another_process_promotes_is_visible(settings: Settings) -> None:
+    """A replay that promoted and died before dropping the old generation: a process still
+    bound to the old one must not commit into it (readers have moved on)."""
+    with Tracker.open(settings=settings) as worker:
+        create(worker, "w-1")
+        worker.commit_many([("w-1", "c", 1)])
+        with Tracker(settings, catch_up=False) as replayer:
+            generations = replayer.generations
+            store = generations.begin(1)
+            Projector(replayer._log, store).catch_up()
+            assert generations.promote(store, replayer._log.log_id)
+            store.close()  # and the replay dies here: no retire_older()
+        worker.commit_many([("w-1", "c", 2)])
+        assert settings.redis_url is not None
+        with Reader.connect(settings.redis_url, settings.prefix) as reader:
+            assert reader.offsets("w-1") == {"c": 2}
+
+
+def test_a_retired_generation_that_nothing_replaced_is_rebuilt(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay that died after retiring the active generation and before promoting its own."""
+    monkeypatch.setattr("tracker.projector.PROMOTION_WAIT", 0.3)
+    with Tracker.open(settings=settings) as worker:
+        create(worker, "w-2")
+        worker.commit_many([("w-2", "c", 1)])
+        active = worker.generations.store.keys
+        redis_client.set(active.checkpoint(0), "retired")
+        worker.commit_many([("w-2", "c", 2)])
+        assert worker.generations.store.keys.generation > active.generation
+        assert settings.redis_url is not None
+        with Reader.connect(settings.redis_url, settings.prefix) as reader:
+            assert reader.offsets("w-2") == {"c": 2}
+        assert worker.verify().differences == []

@@ -165,9 +165,15 @@ class Generations:
 
         Generations only move forward, so of two replays running at once the later one
         wins and the other's work is retired: never an active generation that another
-        replay retired. Binds to whichever generation is active afterwards.
+        replay retired. The generation it replaces is retired *before* it is promoted, so
+        that no merge can land in it once readers have moved on: a process still bound to
+        it fails its next merge, waits for the promotion and rebinds. Binds to whichever
+        generation is active afterwards.
         """
         keys = store.keys
+        active = self.read()
+        if active is not None and active.generation < keys.generation:
+            self._poison(active)
         outcome = int(
             self._promote(
                 keys=[self.meta_key],
@@ -182,6 +188,14 @@ class Generations:
         self.log_id = log_id
         self.refresh()
         return outcome > 0
+
+    def _poison(self, meta: Meta) -> None:
+        """Set every checkpoint of ``meta``'s generation to ``retired`` (names known: no SCAN)."""
+        keys = Keys(self.prefix, meta.generation, meta.partitions)
+        pipe = self.client.pipeline(transaction=False)
+        for partition in range(meta.partitions):
+            pipe.set(keys.checkpoint(partition), RETIRED)
+        pipe.execute()
 
     @redis_boundary("retiring old generations")
     def retire_older(self) -> int:

@@ -35,6 +35,8 @@ Progress = Callable[[int], None]
 BATCH_RECORDS = 1_000_000
 """Records folded into one batch of deltas (read in pieces of ``READ_RECORDS``)."""
 READ_RECORDS = 50_000
+PROMOTION_WAIT = 5.0
+"""Seconds a projector bound to a retired generation waits for the replay to promote."""
 MAX_SESSIONS = 100_000
 """A batch also ends once it has deltas for this many sessions, to bound memory."""
 
@@ -103,30 +105,46 @@ class Projector:
         return target.store if isinstance(target, Generations) else target
 
     def _rebind(self, error: GenerationRetiredError) -> None:
-        """Follow a replay (or a lost Redis) to the active generation."""
+        """Follow a replay (or a lost Redis) to the active generation.
+
+        A replay retires the generation it replaces just before it promotes its own, so
+        the active one may still be the retired one for a moment: wait for the promotion.
+        If none comes (the replay died in between), rebuild the projection as a replay
+        would, rather than write into a generation nobody reads.
+        """
         target = self.target
         if not isinstance(target, Generations):
             raise error
         retired = self.store.keys.generation
-        if not target.refresh():
-            self.ensure_projection()
-        elif target.store.keys.generation == retired:
-            raise SnapshotStoreError(
-                f"the active generation {retired} of the projection was retired; "
-                "run `tracker replay` to rebuild it"
-            ) from error
+        deadline = time.monotonic() + PROMOTION_WAIT
+        while True:
+            if not target.refresh():
+                self.ensure_projection()
+                return
+            if target.store.keys.generation != retired:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "generation %d was retired and nothing replaced it (a replay died?); "
+                    "rebuilding the projection from the log",
+                    retired,
+                )
+                self.ensure_projection(replace=retired)
+                return
+            time.sleep(0.02)
 
-    def ensure_projection(self) -> bool:
+    def ensure_projection(self, *, replace: int | None = None) -> bool:
         """If Redis holds no projection (a first start, or it lost everything), build one.
 
         Built as a replay builds it: into a new generation from the start of the log,
         then promoted, so no reader sees a half-built projection. True if it built one.
+        ``replace`` names a retired active generation to rebuild (a replay died).
         """
         target = self.target
         if not isinstance(target, Generations):
             return False
         with self._mutex:
-            if target.refresh():
+            if target.refresh() and (replace is None or target.store.keys.generation != replace):
                 return False
             store = target.begin(self.log.partitions)
             try:
