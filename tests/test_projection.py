@@ -591,7 +591,7 @@ def test_offsets_near_2_63_survive_the_lua_merge_exactly(
     with world.example() as (log, store):
         append(log, events, [per_batch])
         Projector(log, store, batch_records=1).catch_up()
-        state = store.get(0, "s1")
+        (state,) = store.get_many([(0, "s1")])
         assert state is not None
         assert state.offsets == {"client": expected}
         assert store.client.hget(store.keys.session(0, "s1"), "oclient") == str(expected)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,9 @@ class PartitionedFileLogs:
 
     def append_stream(self, partition: int, chunks: Iterable[Sequence[bytes]]) -> Appended:
         return self._at(partition, self.logs[partition].append_stream(0, chunks))
+
+    def appends_held(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
 
     def read(self, partition: int, after: Position | None, max_records: int) -> list[Batch]:
         return self.logs[partition].read(0, after, max_records)

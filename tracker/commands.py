@@ -37,6 +37,10 @@ from tracker.writer import Commit, Writer, validate_commits
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
+Fold = Callable[[BatchFolder], None]
+"""Folds a command's own events into a folder, so that it can project them without reading
+them back; called only if the tracker projects them itself."""
+
 S = TypeVar("S", bound="Commands")
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -76,9 +80,7 @@ class Commands:
     def _append(self, events: list[AnyEvent], *, wait: bool) -> AppendResult:
         raise NotImplementedError
 
-    def _project(
-        self, appended: list[Appended], folder: BatchFolder | None, *, wait: bool
-    ) -> AppendResult:
+    def _project(self, appended: list[Appended], fold: Fold | None, *, wait: bool) -> AppendResult:
         raise NotImplementedError
 
     def _live(self, session_id: str) -> SessionState:
@@ -197,15 +199,11 @@ class Commands:
         durability point) and a background thread projects them.
         """
         self._check_projection()
+        items = validate_commits(commits)
         if strict:
-            commits = validate_commits(commits)
-            self._require_live({sid for sid, _, _ in commits})
-        items, appended = self.writer.commit_many(commits)
-        folder: BatchFolder | None = None
-        if wait and len(appended) == 1:
-            folder = BatchFolder()
-            folder.add_commits(items)
-        return self._project(appended, folder, wait=wait)
+            self._require_live({sid for sid, _, _ in items})
+        appended = self.writer.append_commits(items)
+        return self._project(appended, lambda folder: folder.add_commits(items), wait=wait)
 
     def _require_live(self, session_ids: set[str]) -> None:
         """Refuse unless every (already validated) id is a created, undeleted session."""

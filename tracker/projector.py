@@ -333,9 +333,9 @@ class Tailer:
 
     def _stalled(self, mine: set[int]) -> set[int]:
         """Partitions of others that lag with a checkpoint that has not moved for a while."""
-        events, store, now = self.projector.log, self.projector.store, time.monotonic()
+        event_log, store, now = self.projector.log, self.projector.store, time.monotonic()
         stalled: set[int] = set()
-        for partition in range(events.partitions):
+        for partition in range(event_log.partitions):
             if partition in mine:
                 self._still.pop(partition, None)
                 continue
@@ -347,7 +347,10 @@ class Tailer:
             if seen != applied:
                 seen, since = applied, now
             self._still[partition] = (seen, since)
-            if now - since >= self.takeover_seconds and events.count(partition, applied):
+            if now - since < self.takeover_seconds:
+                continue
+            end = event_log.end(partition)
+            if end is not None and (applied is None or applied < end):
                 log.warning(
                     "partition %d has not moved for %.0f s; applying it here too",
                     partition,
@@ -368,20 +371,17 @@ class BackgroundProjector:
     def __init__(self, projector: Projector, *, retry_seconds: float = 0.5) -> None:
         self.projector = projector
         self.retry_seconds = retry_seconds
-        self.error: TrackerError | None = None
         self.notified = False
         self._wake = threading.Event()
-        self._idle = threading.Condition()
-        self._busy = False
         self._stopping = threading.Event()
+        self._started = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def notify(self) -> None:
         if self._stopping.is_set():
             return
         self.notified = True
-        with self._idle:
-            self._busy = True
+        with self._started:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="tracker-projector", daemon=True
@@ -397,22 +397,10 @@ class BackgroundProjector:
                 break
             try:
                 self.projector.catch_up()
-                self.error = None
             except TrackerError as error:
-                self.error = error
                 log.warning("projecting in the background failed (will retry): %s", error)
                 self._wake.set()
                 self._stopping.wait(self.retry_seconds)
-                continue
-            with self._idle:
-                if not self._wake.is_set():
-                    self._busy = False
-                    self._idle.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until everything signalled so far was projected; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._busy, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the work in hand (not what was signalled after), then stop the thread."""

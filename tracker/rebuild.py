@@ -10,7 +10,6 @@ retired (its checkpoints poisoned) before its keys are dropped.
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
 
 from msgspec import Struct
 
@@ -84,7 +83,7 @@ def replay(
     projector = Projector(log, store)
     try:
         events = projector.catch_up(progress)
-        with _appends_held(log):
+        with log.appends_held():
             events += projector.catch_up(progress)
             promoted = generations.promote(store, log.log_id, force=force)
     except GenerationRetiredError:
@@ -99,11 +98,6 @@ def replay(
     return ReplayReport(
         events, active.count(), seconds, store.calls, active.keys.generation, not promoted
     )
-
-
-def _appends_held(log: LogBackend) -> AbstractContextManager[object]:
-    hold = getattr(log, "appends_held", None)
-    return hold() if callable(hold) else nullcontext()
 
 
 def verify(

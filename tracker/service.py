@@ -16,7 +16,7 @@ from types import TracebackType
 
 import redis
 
-from tracker.commands import Commands, open_only
+from tracker.commands import Commands, Fold, open_only
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
     ClosedError,
@@ -223,9 +223,7 @@ class Tracker(Commands):
 
     # -- the write path ----------------------------------------------------------------
 
-    def _project(
-        self, appended: list[Appended], folder: BatchFolder | None, *, wait: bool
-    ) -> AppendResult:
+    def _project(self, appended: list[Appended], fold: Fold | None, *, wait: bool) -> AppendResult:
         """After an append: project it (``wait``) or leave it to the background thread."""
         positions = [a.last for a in appended if a.last is not None]
         result = AppendResult(
@@ -244,7 +242,9 @@ class Tracker(Commands):
             return result
         try:
             for part in appended:
-                if folder is not None and len(appended) == 1:
+                if fold is not None and len(appended) == 1:
+                    folder = BatchFolder()
+                    fold(folder)
                     self.projector.apply_appended(part, folder)
                 else:
                     self.projector.catch_up_partition(part.partition)
@@ -263,9 +263,7 @@ class Tracker(Commands):
     def _append(self, events: list[AnyEvent], *, wait: bool) -> AppendResult:
         self._check_projection()
         appended = self.writer.append(events)
-        folder = BatchFolder()
-        folder.add(events)
-        return self._project(appended, folder, wait=wait)
+        return self._project(appended, lambda folder: folder.add(events), wait=wait)
 
     @open_only
     def wait_for(self, position: Position, timeout: float | None = None) -> None:

@@ -327,12 +327,6 @@ class SnapshotStore:
                 self._sender_pool = None
 
     @redis_boundary("reading a session")
-    def get(self, partition: int, session_id: str) -> SessionState | None:
-        self.calls += 1
-        values = self.client.hgetall(self.keys.session(partition, session_id))
-        return state_from_hash(session_id, cast(dict[str, str], values))
-
-    @redis_boundary("reading a session")
     def get_in_generation(
         self, partition: int, session_id: str
     ) -> tuple[SessionState | None, str | None]:

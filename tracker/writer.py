@@ -83,6 +83,10 @@ class Writer:
     def commit_many(self, commits: Iterable[Commit]) -> tuple[list[Commit], list[Appended]]:
         """Append ``(session_id, consumer, offset)`` commits; validated as a whole first."""
         items = validate_commits(commits)
+        return items, self.append_commits(items)
+
+    def append_commits(self, items: list[Commit]) -> list[Appended]:
+        """Append commits that :func:`validate_commits` accepted."""
         ids = new_event_ids(len(items))
         now = utcnow()
         events: list[AnyEvent] = [
@@ -91,7 +95,7 @@ class Writer:
             )
             for (sid, consumer, offset), eid in zip(items, ids, strict=True)
         ]
-        return items, self.append(events, records=list(map(encode_event, events)))
+        return self.append(events, records=list(map(encode_event, events)))
 
     def import_events(self, events: Iterable[object]) -> list[Appended]:
         """Append events as given (another log's export), all or nothing, in bounded memory.

@@ -9,6 +9,7 @@ position scheme. :func:`open_log` picks the backend from the settings.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from msgspec import Struct, structs
@@ -83,6 +84,11 @@ class LogBackend(Protocol):
 
         If the iterator raises (bad input, Ctrl-C) or the write fails, nothing is appended.
         """
+        ...
+
+    def appends_held(self) -> AbstractContextManager[object]:
+        """Keep every process from appending until the block ends, where the log can
+        (``replay`` promotes a generation in one); with Kafka, nothing can: a no-op."""
         ...
 
     def read(self, partition: int, after: Position | None, max_records: int) -> list[Batch]:

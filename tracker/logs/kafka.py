@@ -76,6 +76,7 @@ import warnings
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -799,6 +800,10 @@ class KafkaLog:
     def _check_open(self) -> None:
         if self._closed:
             raise LogError(f"the event log in topic {self.topic!r} is closed")
+
+    def appends_held(self) -> AbstractContextManager[object]:
+        """Kafka has no lock over its producers: nothing to hold."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         self._closed = True
