@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/tracker demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check tracker tests benchmarks
-	$(BIN)/ruff format --check tracker tests benchmarks
+	$(BIN)/ruff check tracker consumers tests benchmarks
+	$(BIN)/ruff format --check tracker consumers tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

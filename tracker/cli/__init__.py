@@ -4,7 +4,7 @@
 other module a group of commands, registered on import.
 """
 
-from tracker.cli import admin, events, offsets, sessions
+from tracker.cli import admin, events, offsets, sessions, workers
 from tracker.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -31,4 +31,5 @@ __all__ = [
     "offsets",
     "parse_offset",
     "sessions",
+    "workers",
 ]
