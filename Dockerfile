@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY tracker ./tracker
+COPY consumers ./consumers
 RUN pip install . && rm -rf /src
 
 # A numeric non-root user, so that runAsNonRoot-style checks can verify it.

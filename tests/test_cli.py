@@ -176,7 +176,7 @@ HELP = {
     ("events", "export"): ["Usage:"],
     ("replay",): ["--json"],
     ("verify",): ["--json"],
-    ("demo",): ["--sessions", "--commits", "--seed"],
+    ("demo",): ["--sessions", "--messages", "--seed", "--kafka"],
 }
 
 
@@ -1013,26 +1013,28 @@ def test_read_commands_refuse_a_data_dir_without_a_log(cli: Cli) -> None:
 
 
 def test_demo(cli: Cli) -> None:
-    result = cli.ok("demo", "--sessions", "50", "--commits", "2000")
+    result = cli.ok("demo", "--sessions", "50", "--messages", "2000")
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines[-1] == "verify: 0 differences", result.stdout
     assert any(line.startswith("created 50 sessions") for line in lines), lines
+    assert any(line.startswith("2 workers processed 2,000 messages each") for line in lines), lines
+    assert "exit codes notifier 0, indexer 0" in result.stdout
     assert any(line.startswith("replay: ") for line in lines), lines
     assert not cli.data_dir.exists(), "demo uses a data dir of its own"
 
 
-def test_demo_with_one_session_and_one_commit(cli: Cli) -> None:
-    result = cli.ok("demo", "--sessions", "1", "--commits", "1", "--seed", "0")
+def test_demo_with_one_session_and_one_message(cli: Cli) -> None:
+    result = cli.ok("demo", "--sessions", "1", "--messages", "1", "--seed", "0")
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert any(line.startswith("created 1 sessions") for line in lines), lines
-    assert any(line.startswith("committed 1 offsets") for line in lines), lines
-    assert any(line.startswith("replay: 2 events, 1 sessions") for line in lines), lines
+    # a create and one offset per worker
+    assert any(line.startswith("replay: 3 events, 1 sessions") for line in lines), lines
     assert lines[-1] == "verify: 0 differences", result.stdout
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--sessions", "0"), ("--sessions", "-3"), ("--commits", "0"), ("--commits", "-1"),
+    [("--sessions", "0"), ("--sessions", "-3"), ("--messages", "0"), ("--messages", "-1"),
      ("--sessions", "many"), ("--seed", "1.5")],
 )  # fmt: skip
 def test_demo_refuses_bad_options(cli: Cli, option: str, value: str) -> None:

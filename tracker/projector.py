@@ -309,15 +309,20 @@ class Tailer:
         self._still: dict[int, tuple[Position | None, float]] = {}
 
     def run(self, *, once: bool = False) -> int:
-        """Apply until :attr:`stop` is set (or, with ``once``, until caught up); the count."""
+        """Apply until :attr:`stop` is set (or, with ``once``, until caught up); the count.
+
+        ``once`` applies every partition, not only the group's share: a one-off catch-up
+        should not wait for a group to assign it work (the fence keeps it safe).
+        """
         self.projector.ensure_projection()
+        everything = set(range(self.projector.log.partitions))
         applied = 0
         now = time.monotonic()
         next_report = now + self.report_seconds
         next_watch = now + self.takeover_seconds / 4
         while not self.stop.is_set():
-            mine = set(self.partitions())
-            if time.monotonic() >= next_watch:
+            mine = everything if once else set(self.partitions())
+            if not once and time.monotonic() >= next_watch:
                 mine |= self._stalled(mine)
                 next_watch = time.monotonic() + self.takeover_seconds / 4
             done = sum(self.projector.catch_up_partition(p, batches=1) for p in sorted(mine))

@@ -163,7 +163,9 @@ def worker(
 
     def stop(signum: int, frame: FrameType | None) -> None:
         if runner.stopping:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:  # Ctrl-C twice: quit without flushing
+                raise KeyboardInterrupt
+            return
         cli.err.print(f"worker {consumer}: stopping, flushing offsets")
         runner.stop()
 

@@ -1,0 +1,5 @@
+"""``python -m tracker``: the command line, as the ``tracker`` script runs it."""
+
+from tracker.cli import main
+
+main()
