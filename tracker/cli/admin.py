@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from types import FrameType
 
 import click
+from rich.table import Table
 
 from tracker.cli.app import EXIT_FAILED, main
 from tracker.cli.output import Cli, json_option, pass_cli
@@ -92,3 +95,58 @@ def demo(cli: Cli, session_count: int, messages: int, seed: int, kafka: str | No
     from tracker.demo import run_demo
 
     run_demo(cli.out, sessions=session_count, messages=messages, seed=seed, kafka=kafka)
+
+
+@main.command()
+@json_option
+@pass_cli
+def status(cli: Cli, as_json: bool) -> None:
+    """Show, per partition, the log's end, what Redis has applied, and the lag.
+
+    Positions are PARTITION:OFFSET:INDEX; the lag counts events. Reads only: it projects
+    nothing (see `tracker project`).
+    """
+    report = cli.tracker(catch_up=False).status()
+    if as_json:
+        cli.json_line(report)
+        return
+    table = Table("partition", "end", "applied", "lag", title=f"generation {report.generation}")
+    for part in report.partitions:
+        table.add_row(str(part.partition), part.end or "-", part.applied or "-", str(part.lag))
+    cli.out.print(table)
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Apply what the log holds now, then exit.")
+@click.option(
+    "--report-every",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between the one-line lag reports on stderr.",
+)
+@pass_cli
+def project(cli: Cli, once: bool, report_every: float) -> None:
+    """Apply the event log to Redis as it grows: the long-running projector.
+
+    Resumes from the checkpoints in Redis; any number may run (a crashed or stalled one
+    changes nothing twice). Stops cleanly on SIGTERM or Ctrl-C (exit 0) after the batch
+    in hand.
+    """
+    tracker = cli.tracker(write=True, catch_up=False)
+
+    def report() -> None:
+        cli.err.print(f"project: {tracker.lag_report()}")
+
+    tailer = tracker.tailer(report=report, report_seconds=report_every)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        tailer.stop.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        applied = tailer.run(once=once)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    cli.err.print(f"project: stopped after applying {applied} events")
