@@ -25,13 +25,17 @@ from rich.table import Table
 
 from consumers.filestream import append_messages, open_stream_log
 from consumers.generate import session_ids, synthetic_messages
+from consumers.messages import decode_record
 from tracker.errors import TrackerError
+from tracker.logs.file import FileLog
 from tracker.service import Tracker
 from tracker.settings import Settings
 
 CONSUMERS = ("notifier", "indexer")
 CATCH_UP_SECONDS = 300.0
 APPENDS = 10
+MALFORMED = [("session000000", b"{not json"), ("session000000", b'{"type": "message"}')]
+"""Messages no worker can use: each becomes a dead letter with its reason."""
 
 
 def _say(out: Console, text: str) -> None:
@@ -98,6 +102,7 @@ def _append_live(
     chunks = list(
         synthetic_messages(messages, sessions, seed=seed, chunk=max(1, messages // APPENDS))
     )
+    chunks[0] = [*chunks[0], *MALFORMED]
     for chunk in chunks:
         if kafka:
             from consumers.kafkastream import produce_messages
@@ -107,6 +112,15 @@ def _append_live(
             with open_stream_log(root / "stream", create=True) as stream_log:
                 append_messages(stream_log, [chunk])
         time.sleep(0.2)
+
+
+def _show_dead_letters(out: Console, directory: Path) -> None:
+    with FileLog(directory, create=False) as letters:
+        for batch in letters.read(0, None, 100):
+            for raw in batch.records:
+                headers = {k: v.decode() for k, v in decode_record(raw).headers}
+                _say(out, f"dead letter of {headers['dlq.consumer']} (stream position "
+                          f"{headers['dlq.offset']}): {headers['dlq.reason']}")  # fmt: skip
 
 
 def run_demo(
@@ -154,16 +168,20 @@ def run_demo(
                     )  # fmt: skip
                 started = time.perf_counter()
                 _append_live(root, stream_args, kafka, messages, sessions, seed)
-                _say(out, f"appended {messages:,} flux0 events to the stream in "
-                          f"{APPENDS} appends while the workers ran")  # fmt: skip
+                _say(out, f"appended {messages:,} flux0 events and {len(MALFORMED)} malformed "
+                          f"messages to the stream in {APPENDS} appends while the workers ran")  # fmt: skip
                 _wait_for_offsets(tracker, _heads(messages, sessions), processes)
                 seconds = time.perf_counter() - started
             finally:
                 codes = processes.stop()
-            _say(out, f"{len(CONSUMERS)} workers processed {messages:,} messages each as they "
+            _say(out, f"{len(CONSUMERS)} workers processed them as they "
                       f"were appended, all offsets in Redis after {seconds:.2f} s; exit codes "
                       + ", ".join(f"{n} {c}" for n, c in codes))  # fmt: skip
 
+            if not kafka:
+                _show_dead_letters(out, root / "stream" / "dlq")
+            else:
+                _say(out, f"dead letters: in the topic {stream_args[1]}.dlq")
             table = Table("session", "stream head", *CONSUMERS, title="some sessions")
             heads = _heads(messages, sessions)
             for sid in ids[:5]:
