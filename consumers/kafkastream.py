@@ -266,7 +266,10 @@ class KafkaStream:
     def lag(self) -> int | None:
         total = 0
         try:
-            for tp in self.consumer.assignment():
+            assigned = self.consumer.assignment()
+            if not assigned:
+                return None
+            for tp in assigned:
                 high = self.consumer.highwater(tp)
                 if high is None:
                     return None

@@ -86,7 +86,8 @@ def _wait_for_offsets(tracker: Tracker, heads: dict[str, int], processes: Proces
     while remaining:
         processes.check()
         for sid in list(remaining)[:200]:
-            offsets = tracker.offsets(sid)
+            state = tracker.session_state(sid)
+            offsets = state.offsets if state is not None else {}
             if all(offsets.get(c, -1) >= remaining[sid] for c in CONSUMERS):
                 del remaining[sid]
         if remaining:
@@ -139,6 +140,7 @@ def run_demo(
                 TRACKER_EVENT_TOPIC=f"{name}.events",
                 TRACKER_PARTITIONS="6",
                 TRACKER_WORKER_SESSION_TIMEOUT_MS="6000",
+                TRACKER_WORKER_MAX_POLL_INTERVAL_MS="6000",
             )
             stream_args = ["--stream", f"{name}.stream"]
             _say(out, f"demo: Kafka at {kafka} (topics {name}.*), embedded Redis in {directory}")
@@ -158,18 +160,23 @@ def run_demo(
                     session_id=sid, title=f"chat {sid[-4:]}", wait=False,
                 )  # fmt: skip
             _say(out, f"created {sessions:,} sessions")
+            if kafka:
+                from consumers.kafkastream import ensure_topic
+
+                ensure_topic(kafka, stream_args[1], 6, timeout=30)
             try:
                 if kafka:
                     processes.start("projector", ["project", "--report-every", "30"])
                 for consumer in CONSUMERS:
+                    group = ["--group", f"{name}.{consumer}"] if kafka else []
                     processes.start(
-                        consumer, ["worker", *stream_args, "--consumer", consumer,
+                        consumer, ["worker", *stream_args, "--consumer", consumer, *group,
                                    "--report-every", "1"],
                     )  # fmt: skip
                 started = time.perf_counter()
                 _append_live(root, stream_args, kafka, messages, sessions, seed)
                 _say(out, f"appended {messages:,} flux0 events and {len(MALFORMED)} malformed "
-                          f"messages to the stream in {APPENDS} appends while the workers ran")  # fmt: skip
+                          f"messages in {APPENDS} appends while the workers ran")  # fmt: skip
                 _wait_for_offsets(tracker, _heads(messages, sessions), processes)
                 seconds = time.perf_counter() - started
             finally:
