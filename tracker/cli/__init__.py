@@ -4,7 +4,7 @@
 other module a group of commands, registered on import.
 """
 
-from tracker.cli import admin, events, offsets, sessions, workers
+from tracker.cli import admin, consumers, events, offsets, sessions, workers
 from tracker.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -23,6 +23,7 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
     "admin",
+    "consumers",
     "default_actor",
     "events",
     "exit_code",
