@@ -194,3 +194,18 @@ def test_writers_and_killed_projectors_end_at_the_fold_of_the_topic(
     with Tracker(settings, catch_up=False) as tracker:
         assert {s.session_id: s for s in tracker.store.scan()} == expected
         assert "Traceback" not in log.read_text()
+
+
+def test_the_demo_runs_on_a_broker(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """``tracker demo --kafka``: workers, a projector, dead letters, replay and verify."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("tracker")), "demo", "--kafka", kafka_bootstrap,
+         "--sessions", "20", "--messages", "600"],
+        env=env, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert "exit codes projector 0, notifier 0, indexer 0" in result.stdout, result.stdout
+    assert any(line.startswith("replay: ") and " events, 20 sessions" in line for line in lines)
+    assert lines[-1] == "verify: 0 differences", result.stdout
