@@ -149,3 +149,16 @@ def test_projectors_killed_and_restarted_leave_the_fold(
         assert opened.status().lag == 0
         assert opened.offsets("k7") == {"client": 29 * 1000 + 7}
         assert opened.verify().differences == []
+
+
+def test_the_lag_report_follows_a_replay(tmp_path: Path, redis_url: str, prefix: str) -> None:
+    """A projector that applied nothing since a replay (with Kafka: one the group has given
+    no partition yet) reports and rebinds instead of dying on the retired generation."""
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, prefix=prefix)
+    with Tracker(settings) as writer, Tracker(settings, catch_up=False) as projector:
+        writer.commit_many([("p0", "client", 1)])
+        assert projector.lag_report() == "caught up on every partition"
+        writer.replay()
+        assert "replaced by a replay" in projector.lag_report()
+        assert projector.lag_report() == "caught up on every partition"
+        assert projector.store.keys.generation == writer.store.keys.generation == 2

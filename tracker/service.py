@@ -20,6 +20,7 @@ from tracker.commands import Commands, Fold, open_only
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
     ClosedError,
+    GenerationRetiredError,
     NotYetVisibleError,
     SnapshotStoreError,
     SnapshotUnavailableError,
@@ -368,7 +369,13 @@ class Tracker(Commands):
     @open_only
     def lag_report(self) -> str:
         """One cheap line on how far the projection is behind (``tracker project``'s log)."""
-        return describe_lag(batches_behind(self._log, self.generations.store))
+        try:
+            return describe_lag(batches_behind(self._log, self.generations.store))
+        except GenerationRetiredError:
+            # a replay (or a first start racing this one) replaced the generation while
+            # this process applied nothing that would have rebound it: follow it
+            self.generations.refresh()
+            return "the projection was replaced by a replay; following it"
 
     @open_only
     def tailer(
