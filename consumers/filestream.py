@@ -33,11 +33,12 @@ from consumers.messages import StreamRecord, decode_record, encode_record
 from consumers.streams import Chunk, DeadLetter, Incoming, dead_letter_headers
 from tracker.errors import InvalidInputError, LogError, LogLockedError, LogNotFoundError
 from tracker.events import Position
-from tracker.logs import Batch
 from tracker.logs.file import FileLog
 from tracker.model import ConsumerName, checked
 
 READ_RECORDS = 10_000
+READ_BYTES = 64 << 20
+"""A poll reads about this much (whole frames): large messages are read fewer at a time."""
 IDLE_SLEEP = 0.02
 STREAM_MARK = "STREAM"
 
@@ -161,7 +162,9 @@ class FileStream:
             self.close()
             raise
         self._read_after, self._read_next = self._after, self._next
-        self._unread: deque[tuple[int, Batch]] = deque()
+        self._unread: deque[tuple[int, int, int, int]] = deque()
+        """Per batch read but not committed: its first ordinal, frame, first index, length."""
+        self._read_max = 1  # records per read, until the size of the messages is known
 
     @property
     def description(self) -> str:
@@ -210,17 +213,19 @@ class FileStream:
     def poll(self, timeout: float) -> list[Chunk]:
         deadline = time.monotonic() + timeout
         while True:
-            batches = self.log.read(0, self._read_after, READ_RECORDS)
+            batches = self.log.read(0, self._read_after, self._read_max)
             if batches or time.monotonic() >= deadline:
                 break
             time.sleep(IDLE_SLEEP)
         if not batches:
             return []
         messages: list[Incoming] = []
-        ordinal = self._read_next
+        start = ordinal = self._read_next
+        size = 0
         for batch in batches:
-            self._unread.append((ordinal, batch))
+            self._unread.append((ordinal, batch.offset, batch.first_index, len(batch.records)))
             for record in batch.records:
+                size += len(record)
                 try:
                     decoded = decode_record(record)
                     messages.append(Incoming(ordinal, decoded.key, decoded.value, decoded.headers))
@@ -228,6 +233,7 @@ class FileStream:
                     messages.append(Incoming(ordinal, None, record, []))
                 ordinal += 1
         self._read_after, self._read_next = batches[-1].last, ordinal
+        self._read_max = max(1, min(READ_RECORDS, READ_BYTES * (ordinal - start) // max(size, 1)))
         return [Chunk(0, messages, 0)]
 
     def keep_alive(self) -> None:
@@ -243,10 +249,10 @@ class FileStream:
         last = next_ordinal - 1
         position: Position | None = None
         while self._unread and position is None:
-            first, batch = self._unread[0]
-            end = first + len(batch.records)
+            first, frame, first_index, length = self._unread[0]
+            end = first + length
             if last < end:
-                position = Position(0, batch.offset, batch.first_index + last - first)
+                position = Position(0, frame, first_index + last - first)
             if last >= end - 1:
                 self._unread.popleft()
         if position is None:

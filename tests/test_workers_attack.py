@@ -122,6 +122,35 @@ def test_streams_append_from_a_closed_stdin_is_one_line(
     assert "stdin" in one_line_error(result)
 
 
+def test_a_poll_of_large_messages_is_bounded_by_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll once read 10,000 messages whatever their size: a backlog of 1 MB messages
+    took 6 GB per 3,000, and a worker that is OOM-killed reads the same backlog again."""
+    from consumers import filestream
+
+    monkeypatch.setattr(filestream, "READ_BYTES", 1 << 20, raising=False)
+    stream = tmp_path / "stream"
+    big = "x" * 100_000
+    with filestream.open_stream_log(stream, create=True, fsync=False) as log:
+        for n in range(60):  # one frame each, as from many producers
+            filestream.append_messages(
+                log, [[("s1", json.dumps({"offset": n, "b": big}).encode())]]
+            )
+    source = FileStream(stream, "c")
+    try:
+        positions: list[int] = []
+        while len(positions) < 60:
+            (chunk,) = source.poll(1.0)
+            assert sum(len(m.value) for m in chunk.messages) <= (1 << 20) + 100_100
+            positions.extend(m.position for m in chunk.messages)
+            source.commit({0: positions[-1] + 1})
+        assert positions == list(range(60))
+    finally:
+        source.close()
+    assert json.loads((stream / "consumers" / "c.json").read_text())["next"] == 60
+
+
 # -- handlers ------------------------------------------------------------------------------
 
 
