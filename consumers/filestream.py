@@ -2,6 +2,7 @@
 
 Layout of a stream directory ``DIR``::
 
+    STREAM                       marks the directory as a stream (not a tracker event log)
     log.json, LOCK, *.seg        the messages: a file log of StreamRecords (one partition)
     consumers/NAME.json          NAME's read position, replaced atomically after each flush
     consumers/NAME.lock          flock'd by the one worker reading as NAME
@@ -9,11 +10,16 @@ Layout of a stream directory ``DIR``::
 
 A message's position is its ordinal in the stream (0, 1, 2, ...). One worker reads as a
 given consumer name at a time: the lock refuses a second.
+
+A file log without the ``STREAM`` mark is never read or written as a stream: it is a
+tracker's event log (``--stream-dir`` or ``--dlq`` naming ``.tracker/log`` by mistake),
+and stream records appended to it would break every tracker command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -21,20 +27,42 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypeGuard
 
 from consumers.messages import StreamRecord, decode_record, encode_record
 from consumers.streams import Chunk, DeadLetter, Incoming, dead_letter_headers
 from tracker.errors import InvalidInputError, LogError, LogLockedError, LogNotFoundError
 from tracker.events import Position
-from tracker.logs import Batch
 from tracker.logs.file import FileLog
+from tracker.model import ConsumerName, checked
 
 READ_RECORDS = 10_000
+READ_BYTES = 64 << 20
+"""A poll reads about this much (whole frames): large messages are read fewer at a time."""
 IDLE_SLEEP = 0.02
+STREAM_MARK = "STREAM"
+
+
+def _refuse_event_log(directory: Path) -> None:
+    if (directory / "log.json").exists() and not (directory / STREAM_MARK).exists():
+        raise InvalidInputError(
+            f"{directory} holds a log that is not a stream (a stream has a {STREAM_MARK} "
+            "file, made by 'tracker streams append'): is it a tracker's event log? "
+            "check --stream-dir and --dlq"
+        )
 
 
 def open_stream_log(directory: Path, *, create: bool, fsync: bool = True) -> FileLog:
-    """The file log of a stream directory; a clear error when there is none."""
+    """The file log of a stream directory; a clear error when there is none, or when the
+    directory holds a log that is not a stream (see the module docstring)."""
+    directory = Path(directory)
+    _refuse_event_log(directory)
+    if create and not (directory / STREAM_MARK).exists():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / STREAM_MARK).write_text("a message stream: see tracker streams --help\n")
+        except OSError as exc:
+            raise LogError(f"cannot create a stream in {directory}: {exc}") from exc
     try:
         return FileLog(directory, create=create, fsync=fsync)
     except LogNotFoundError:
@@ -60,16 +88,34 @@ def append_messages(log: FileLog, messages: Iterable[Sequence[tuple[str, bytes]]
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        with open(tmp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise LogError(
+                f"no space left for {path} ({exc.strerror}); free some and start again: "
+                "the position stays where it was"
+            ) from exc
+        raise LogError(f"cannot save the position in {path}: {exc}") from exc
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _same_directory(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 class FileStream:
@@ -79,9 +125,16 @@ class FileStream:
 
     def __init__(self, directory: Path, consumer: str, *, dlq: Path | None = None) -> None:
         self.directory = Path(directory)
-        self.consumer = consumer
+        self.consumer = str(checked(consumer, ConsumerName, "consumer"))
+        self._dlq_path = Path(dlq) if dlq is not None else self.directory / "dlq"
+        if _same_directory(self._dlq_path, self.directory):
+            raise InvalidInputError(
+                f"dead letters cannot go to {self._dlq_path}, the stream they come from"
+            )
+        if self._dlq_path.exists() and not self._dlq_path.is_dir():
+            raise InvalidInputError(f"dead letters cannot go to {self._dlq_path}: not a directory")
+        _refuse_event_log(self._dlq_path)
         self.log = open_stream_log(self.directory, create=False)
-        self._dlq_path = dlq if dlq is not None else self.directory / "dlq"
         self._dlq: FileLog | None = None
         state_dir = self.directory / "consumers"
         try:
@@ -99,12 +152,19 @@ class FileStream:
                 f"consumer {consumer} is already reading {self.directory} (pid {holder}); "
                 "stop it first or use another --consumer name"
             ) from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+        with contextlib.suppress(OSError):  # the pid only names the holder in messages
+            os.ftruncate(self._lock_fd, 0)
+            os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
         self._position_path = state_dir / f"{consumer}.json"
-        self._after, self._next = self._load_position()
+        try:
+            self._after, self._next = self._load_position()
+        except BaseException:
+            self.close()
+            raise
         self._read_after, self._read_next = self._after, self._next
-        self._unread: deque[tuple[int, Batch]] = deque()
+        self._unread: deque[tuple[int, int, int, int]] = deque()
+        """Per batch read but not committed: its first ordinal, frame, first index, length."""
+        self._read_max = 1  # records per read, until the size of the messages is known
 
     @property
     def description(self) -> str:
@@ -117,30 +177,55 @@ class FileStream:
             return None, 0
         except (OSError, ValueError) as exc:
             raise InvalidInputError(f"{self._position_path} is unreadable: {exc}") from None
+        if not isinstance(saved, dict):
+            raise InvalidInputError(f"{self._position_path} is unreadable: {saved!r}")
         if saved.get("log_id") != self.log.log_id:
             raise InvalidInputError(
                 f"{self._position_path} belongs to another stream (log id {saved.get('log_id')}); "
                 "remove it to read this stream from the start"
             )
         frame, index, after = saved.get("frame"), saved.get("index"), saved.get("next")
-        if not all(isinstance(v, int) and v >= 0 for v in (frame, index, after)):
+        if not (_count(frame) and _count(index) and _count(after)):
             raise InvalidInputError(f"{self._position_path} is unreadable: {saved!r}")
-        return Position(0, frame, index), after
+        position = Position(0, frame, index)
+        if after != self._ordinal_after(position):
+            raise InvalidInputError(
+                f"{self._position_path} does not fit {self.directory} (frame {frame}, "
+                f"record {index}, next {after}): it was saved for another copy of the "
+                "stream; remove it to read this stream from the start"
+            )
+        return position, after
+
+    def _ordinal_after(self, position: Position) -> int | None:
+        """The ordinal of the message after ``position``, or ``None`` if it is not a record."""
+        first = self.log.read(0, Position(0, position.offset, position.index - 1), 1)
+        if not first or (first[0].offset, first[0].first_index) != (
+            position.offset,
+            position.index,
+        ):
+            return None
+        while True:  # counted twice at the same total: no append came in between
+            total = self.log.count(0)
+            rest = self.log.count(0, position)
+            if self.log.count(0) == total:
+                return total - rest
 
     def poll(self, timeout: float) -> list[Chunk]:
         deadline = time.monotonic() + timeout
         while True:
-            batches = self.log.read(0, self._read_after, READ_RECORDS)
+            batches = self.log.read(0, self._read_after, self._read_max)
             if batches or time.monotonic() >= deadline:
                 break
             time.sleep(IDLE_SLEEP)
         if not batches:
             return []
         messages: list[Incoming] = []
-        ordinal = self._read_next
+        start = ordinal = self._read_next
+        size = 0
         for batch in batches:
-            self._unread.append((ordinal, batch))
+            self._unread.append((ordinal, batch.offset, batch.first_index, len(batch.records)))
             for record in batch.records:
+                size += len(record)
                 try:
                     decoded = decode_record(record)
                     messages.append(Incoming(ordinal, decoded.key, decoded.value, decoded.headers))
@@ -148,6 +233,7 @@ class FileStream:
                     messages.append(Incoming(ordinal, None, record, []))
                 ordinal += 1
         self._read_after, self._read_next = batches[-1].last, ordinal
+        self._read_max = max(1, min(READ_RECORDS, READ_BYTES * (ordinal - start) // max(size, 1)))
         return [Chunk(0, messages, 0)]
 
     def keep_alive(self) -> None:
@@ -163,10 +249,10 @@ class FileStream:
         last = next_ordinal - 1
         position: Position | None = None
         while self._unread and position is None:
-            first, batch = self._unread[0]
-            end = first + len(batch.records)
+            first, frame, first_index, length = self._unread[0]
+            end = first + length
             if last < end:
-                position = Position(0, batch.offset, batch.first_index + last - first)
+                position = Position(0, frame, first_index + last - first)
             if last >= end - 1:
                 self._unread.popleft()
         if position is None:
@@ -188,7 +274,7 @@ class FileStream:
         if not letters:
             return
         if self._dlq is None:
-            self._dlq = FileLog(self._dlq_path)
+            self._dlq = open_stream_log(self._dlq_path, create=True)
         stream = str(self.directory)
         self._dlq.append(
             0,

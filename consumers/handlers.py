@@ -46,6 +46,10 @@ def load_handler(spec: str) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InvalidInputError(f"--handler: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself failed: its own bug, said on one line
+        raise InvalidInputError(
+            f"--handler: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
     target: object = module
     for part in attribute.split("."):
         try:
@@ -99,7 +103,9 @@ class Attempts:
                 attempt += 1
                 if stopping.wait(delay):
                     raise Interrupted from None
-            except Exception as exc:  # any handler failure becomes a dead letter
+            except (SystemExit, KeyboardInterrupt):
+                raise  # the handler asks the worker to stop: not the message's fault
+            except BaseException as exc:  # any other failure (CancelledError too): a dead letter
                 return f"handler raised {type(exc).__name__}: {exc}"
 
     def _await(self, awaitable: Awaitable[None]) -> None:

@@ -44,6 +44,8 @@ class _Fields(Struct):
 
 
 _decode_fields = msgspec.json.Decoder(_Fields).decode
+_TOO_DEEP = "nested too deeply"
+"""msgspec raises RecursionError for nesting deeper than the interpreter's limit."""
 _decode_json = msgspec.json.Decoder().decode
 
 
@@ -121,6 +123,8 @@ def decode_message(
         raise Undecodable(f"invalid event: {exc}") from None
     except msgspec.DecodeError as exc:
         raise Undecodable(f"not a JSON event: {exc}") from None
+    except RecursionError:
+        raise Undecodable(f"not a JSON event: {_TOO_DEEP}") from None
     if key:
         session_id = _session_id(key)
     else:
@@ -156,6 +160,8 @@ def input_message(line: bytes, where: str) -> tuple[str, bytes]:
         raise InvalidInputError(f"{where}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInputError(f"{where}: not a JSON object ({exc})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{where}: not a JSON object ({_TOO_DEEP})") from None
     if not isinstance(event, dict):  # pragma: no cover - _InputEvent accepts only objects
         raise InvalidInputError(f"{where}: expected a JSON object")
     del event["session_id"]

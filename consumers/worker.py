@@ -132,19 +132,24 @@ class Worker:
         return self.stats
 
     def _final_flush(self) -> None:
+        """Flush and commit, retrying a retriable failure a few times (``flush`` would
+        only wait for the next loop, and there is none)."""
         for attempt in range(5):
             try:
-                self.flush()
+                positions = self._take_and_flush()
+                if positions:
+                    self.stream.commit(positions)
                 return
             except TrackerError as exc:
+                retrying = exc.retriable and attempt < 4
                 log.warning(
                     "final flush failed (%s); %s",
                     exc,
                     "retrying"
-                    if attempt < 4
+                    if retrying
                     else "giving up: the messages since the last commit will be read again",
                 )
-                if not exc.retriable:
+                if not retrying:
                     return
                 time.sleep(0.5 * (attempt + 1))
 
@@ -204,13 +209,14 @@ class Worker:
                 except Undecodable as exc:
                     letters.append(_letter(partition, incoming, str(exc)))
                 else:
+                    session_id, offset = message.session_id, message.offset  # as read
                     try:
                         failed = None if acknowledge_only else attempts.run(message, stopping)
                     except Interrupted:
                         break
                     if failed is None:
-                        if pending.get(message.session_id, -1) < message.offset:
-                            pending[message.session_id] = message.offset
+                        if pending.get(session_id, -1) < offset:
+                            pending[session_id] = offset
                     else:
                         letters.append(_letter(partition, incoming, failed))
                 handled += 1

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import click
 
@@ -24,6 +24,16 @@ from tracker.errors import ConfigError
 from tracker.model import ConsumerName, checked
 
 _STREAM_DIR = click.Path(file_okay=False, path_type=Path)
+
+
+class _Input(click.File):
+    """A file to read, or ``-``: stdin; a closed stdin is a usage error, not a traceback."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return super().convert(value, param, ctx)
+        except RuntimeError as exc:  # click: "Was not able to determine binary stream ..."
+            self.fail(f"cannot read stdin: {exc}", param, ctx)
 
 
 def _stream_choice(stream: str | None, stream_dir: Path | None) -> None:
@@ -198,7 +208,7 @@ def read_lines(source: BinaryIO) -> Iterator[list[tuple[str, bytes]]]:
 
 
 @streams.command("append")
-@click.argument("source", type=click.File("rb"), required=False)
+@click.argument("source", type=_Input("rb"), required=False)
 @click.option("--stream", metavar="TOPIC", help="Write to this Kafka topic (created if missing).")
 @click.option("--stream-dir", type=_STREAM_DIR, metavar="DIR", help="Write to this file stream.")
 @click.option(
