@@ -553,8 +553,14 @@ def tracker_command() -> list[str]:
 
 
 def cli_env(**settings: str) -> dict[str, str]:
-    """This environment without ``TRACKER_*`` variables, plus the given ones."""
+    """This environment without ``TRACKER_*`` variables, plus the given ones.
+
+    ``PYTHONPATH`` starts with this checkout, so that the processes run the code that
+    :func:`source` reports even when the venv's editable install points at another one.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.update(settings)
     return env
 

@@ -27,6 +27,9 @@ CASES = (
     "kafka_append",
     "kafka_replay",
     "kafka_delay",
+    "worker_file",
+    "worker_kafka",
+    "worker_delay",
 )
 
 QUICK: dict[str, list[str]] = {
@@ -40,6 +43,9 @@ QUICK: dict[str, list[str]] = {
     "kafka_append": ["--calls", "24", "--repeat", "1"],
     "kafka_replay": ["--events", "200000", "--repeat", "1"],
     "kafka_delay": ["--seconds", "5", "--warmup", "1", "--raw-seconds", "3"],
+    "worker_file": ["--messages", "200000", "--repeat", "1"],
+    "worker_kafka": ["--messages", "30000", "--repeat", "1"],
+    "worker_delay": ["--seconds", "5", "--warmup", "1", "--direct-seconds", "3"],
 }
 
 

@@ -25,20 +25,24 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeGuard
+from typing import TypeGuard, overload
 
 from consumers.messages import StreamRecord, decode_record, encode_record
 from consumers.streams import Chunk, DeadLetter, Incoming, dead_letter_headers
 from tracker.errors import InvalidInputError, LogError, LogLockedError, LogNotFoundError
 from tracker.events import Position
+from tracker.logs import Batch
 from tracker.logs.file import FileLog
 from tracker.model import ConsumerName, checked
 
-READ_RECORDS = 10_000
+READ_RECORDS = 2_000
+"""Messages a poll returns at most (as ``KafkaStream``'s ``max_poll_records``), so that
+``--flush-max`` and ``--flush-ms`` hold within a frame of up to 65,536 records."""
 READ_BYTES = 64 << 20
-"""A poll reads about this much (whole frames): large messages are read fewer at a time."""
+"""A read from the log asks for about this much (whole frames): large messages are read
+fewer at a time."""
 IDLE_SLEEP = 0.02
 STREAM_MARK = "STREAM"
 
@@ -50,6 +54,67 @@ def _refuse_event_log(directory: Path) -> None:
             "file, made by 'tracker streams append'): is it a tracker's event log? "
             "check --stream-dir and --dlq"
         )
+
+
+_new_incoming = tuple.__new__
+"""``Incoming``'s own constructor, without the Python-level ``__new__`` of a namedtuple."""
+
+
+class _Messages(Sequence[Incoming]):
+    """One poll's records, decoded into :class:`Incoming` as they are iterated.
+
+    Decoding as the worker goes frees each message's objects before the next is made: a
+    poll never holds thousands of live tuples and lists for the garbage collector to
+    traverse again and again (a third of the worker's time when they were decoded ahead).
+    """
+
+    __slots__ = ("_first", "_records")
+
+    def __init__(self, records: list[bytes], first: int) -> None:
+        self._records = records
+        self._first = first
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> Incoming: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Incoming]: ...
+
+    def __getitem__(self, index: int | slice) -> Incoming | list[Incoming]:
+        size = len(self._records)
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(size))]
+        if not -size <= index < size:
+            raise IndexError("message index out of range")
+        index %= size
+        return _incoming(self._first + index, self._records[index])
+
+    def __iter__(self) -> Iterator[Incoming]:
+        for ordinal, record in enumerate(self._records, self._first):
+            try:
+                decoded = decode_record(record)
+            except ValueError:
+                yield Incoming(ordinal, None, record, [])
+            else:
+                yield _new_incoming(
+                    Incoming, (ordinal, decoded.key, decoded.value, decoded.headers)
+                )
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} file stream messages from {self._first}>"
+
+
+def _incoming(ordinal: int, record: bytes) -> Incoming:
+    """A record as read; one that is not a StreamRecord is passed on whole, as the value
+    (the worker dead-letters it: it is not a JSON event)."""
+    try:
+        decoded = decode_record(record)
+    except ValueError:
+        return Incoming(ordinal, None, record, [])
+    return Incoming(ordinal, decoded.key, decoded.value, decoded.headers)
 
 
 def open_stream_log(directory: Path, *, create: bool, fsync: bool = True) -> FileLog:
@@ -163,7 +228,11 @@ class FileStream:
             raise
         self._read_after, self._read_next = self._after, self._next
         self._unread: deque[tuple[int, int, int, int]] = deque()
-        """Per batch read but not committed: its first ordinal, frame, first index, length."""
+        """Per run of messages returned but not committed: first ordinal, frame, first index,
+        length."""
+        self._held: deque[Batch] = deque()
+        """Read from the log, not returned yet (from ``_held_at`` in the first)."""
+        self._held_at = 0
         self._read_max = 1  # records per read, until the size of the messages is known
 
     @property
@@ -211,30 +280,41 @@ class FileStream:
                 return total - rest
 
     def poll(self, timeout: float) -> list[Chunk]:
-        deadline = time.monotonic() + timeout
-        while True:
-            batches = self.log.read(0, self._read_after, self._read_max)
-            if batches or time.monotonic() >= deadline:
-                break
-            time.sleep(IDLE_SLEEP)
-        if not batches:
-            return []
-        messages: list[Incoming] = []
-        start = ordinal = self._read_next
-        size = 0
-        for batch in batches:
-            self._unread.append((ordinal, batch.offset, batch.first_index, len(batch.records)))
-            for record in batch.records:
-                size += len(record)
-                try:
-                    decoded = decode_record(record)
-                    messages.append(Incoming(ordinal, decoded.key, decoded.value, decoded.headers))
-                except ValueError:
-                    messages.append(Incoming(ordinal, None, record, []))
-                ordinal += 1
-        self._read_after, self._read_next = batches[-1].last, ordinal
-        self._read_max = max(1, min(READ_RECORDS, READ_BYTES * (ordinal - start) // max(size, 1)))
-        return [Chunk(0, messages, 0)]
+        """At most ``READ_RECORDS`` messages; a frame holding more is served over several polls.
+
+        A frame is read from disk once: what a poll does not return is held for the next.
+        """
+        if not self._held:
+            deadline = time.monotonic() + timeout
+            while True:
+                batches = self.log.read(0, self._read_after, self._read_max)
+                if batches or time.monotonic() >= deadline:
+                    break
+                time.sleep(IDLE_SLEEP)
+            if not batches:
+                return []
+            self._held.extend(batches)
+            self._read_after = batches[-1].last
+            count = sum(len(b.records) for b in batches)
+            size = sum(len(r) for b in batches for r in b.records)
+            self._read_max = max(1, min(READ_RECORDS, READ_BYTES * count // max(size, 1)))
+        first = ordinal = self._read_next
+        records: list[bytes] = []
+        room = READ_RECORDS
+        while self._held and room:
+            batch, start = self._held[0], self._held_at
+            taken = batch.records[start : start + room]
+            if start + len(taken) < len(batch.records):
+                self._held_at = start + len(taken)
+            else:
+                self._held.popleft()
+                self._held_at = 0
+            self._unread.append((ordinal, batch.offset, batch.first_index + start, len(taken)))
+            records.extend(taken)
+            ordinal += len(taken)
+            room -= len(taken)
+        self._read_next = ordinal
+        return [Chunk(0, _Messages(records, first), 0)]
 
     def keep_alive(self) -> None:
         """Nothing to do: a file stream has no group to be thrown out of."""

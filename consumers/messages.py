@@ -36,7 +36,7 @@ encode_record = msgspec.msgpack.Encoder().encode
 decode_record = msgspec.msgpack.Decoder(StreamRecord).decode
 
 
-class _Fields(Struct):
+class _Fields(Struct, gc=False):
     """The two fields the worker reads; every other field is skipped unread."""
 
     offset: Offset
@@ -113,10 +113,11 @@ def _session_id(raw: bytes) -> str:
         raise Undecodable(f"the session id {text!r} is not 1..64 chars of [A-Za-z0-9_-]") from None
 
 
-def decode_message(
-    partition: int, position: int, key: bytes | None, value: bytes, headers: Headers
-) -> Message:
-    """The message with its session id and offset, or :class:`Undecodable` saying why not."""
+def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str, int]:
+    """The message's session id and offset, or :class:`Undecodable` saying why not.
+
+    All the worker needs when the handler is the default one (no :class:`Message` made).
+    """
     try:
         fields = _decode_fields(value)
     except msgspec.ValidationError as exc:
@@ -126,16 +127,22 @@ def decode_message(
     except RecursionError:
         raise Undecodable(f"not a JSON event: {_TOO_DEEP}") from None
     if key:
-        session_id = _session_id(key)
-    else:
+        return _session_id(key), fields.offset
+    if headers:
         header = next((v for k, v in headers if k == SESSION_HEADER), None)
         if header:
-            session_id = _session_id(header)
-        elif fields.session_id is not None:
-            session_id = fields.session_id
-        else:
-            raise Undecodable("no session id: no message key, session_id header or field")
-    return Message(partition, position, key, value, headers, session_id, fields.offset)
+            return _session_id(header), fields.offset
+    if fields.session_id is not None:
+        return fields.session_id, fields.offset
+    raise Undecodable("no session id: no message key, session_id header or field")
+
+
+def decode_message(
+    partition: int, position: int, key: bytes | None, value: bytes, headers: Headers
+) -> Message:
+    """The message with its session id and offset, or :class:`Undecodable` saying why not."""
+    session_id, offset = message_ids(key, value, headers)
+    return Message(partition, position, key, value, headers, session_id, offset)
 
 
 class _InputEvent(Struct):

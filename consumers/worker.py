@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from consumers.handlers import Attempts, Handler, Interrupted, acknowledge
-from consumers.messages import Undecodable, decode_message
+from consumers.messages import Undecodable, decode_message, message_ids
 from consumers.streams import Chunk, DeadLetter, Incoming, Stream
 from tracker.errors import TrackerError
 from tracker.service import Tracker
@@ -162,7 +162,9 @@ class Worker:
         )
 
     def _handle(self, chunks: list[Chunk]) -> None:
-        if self._keep_alive_after is None:
+        if self._keep_alive_after is None or self._acknowledge_only:
+            # No handler to wait for (a poll's messages take a millisecond or two): no
+            # thread, whose start alone costs more than that on a busy machine.
             for chunk in chunks:
                 self._handle_chunk(chunk)
             return
@@ -194,6 +196,9 @@ class Worker:
             raise failure[0]
 
     def _handle_chunk(self, chunk: Chunk) -> None:
+        if self._acknowledge_only:
+            self._acknowledge_chunk(chunk)
+            return
         stream, stopping, attempts = self.stream, self._stopping, self._attempts
         partition, epoch = chunk.partition, chunk.epoch
         acknowledge_only = self._acknowledge_only
@@ -227,6 +232,34 @@ class Worker:
                 self.stats.processed += handled
                 self.stats.dead_lettered = self._dead_flushed + len(letters)
                 self.stats.retried = attempts.retries
+                if self._oldest is None:
+                    self._oldest = time.monotonic()
+
+    def _acknowledge_chunk(self, chunk: Chunk) -> None:
+        """:meth:`_handle_chunk` for the default handler, the hot path: only the session id
+        and offset are decoded (no :class:`Message`), and no handler is called."""
+        stream, stopping = self.stream, self._stopping
+        partition, epoch, messages = chunk.partition, chunk.epoch, chunk.messages
+        with self._state:
+            pending, letters = self._pending, self._letters
+            handled = 0
+            for incoming in messages:
+                if stream.epoch != epoch or stopping.is_set():
+                    break
+                _, key, value, headers = incoming
+                try:
+                    session_id, offset = message_ids(key, value, headers)
+                except Undecodable as exc:
+                    letters.append(_letter(partition, incoming, str(exc)))
+                else:
+                    if pending.get(session_id, -1) < offset:
+                        pending[session_id] = offset
+                handled += 1
+            if handled:
+                self._positions[partition] = messages[handled - 1].position + 1
+                self._unflushed += handled
+                self.stats.processed += handled
+                self.stats.dead_lettered = self._dead_flushed + len(letters)
                 if self._oldest is None:
                     self._oldest = time.monotonic()
 
