@@ -36,12 +36,12 @@ A span ends with the poll that reached the count, up to a poll's records past it
 span's seconds are scaled to ``--messages`` (seconds x messages / counted).
 
 Why the extra messages: kafka-python keeps one fetch in flight per broker, and a fetch
-that finds nothing is held by the broker for ``fetch_max_wait_ms`` (500 ms, the default
-``KafkaStream`` keeps). Once the first partition of a finite topic runs dry, the next
-fetch asks for it alone and every consumer stalls for half a second: with the span
-ending at the topic's end, one or two such stalls (a whole ``0.5 s`` on a span of about
-``0.6 s``) decided the figures, on both sides, at random. With 50% more in the topic,
-every partition still has messages when the timed count is reached.
+that finds nothing is held by the broker for ``fetch_max_wait_ms`` (``KafkaStream``'s
+``FETCH_WAIT_MS``). Once the first partition of a finite topic runs dry, the next fetch
+asks for it alone and every consumer stalls that long: with the span ending at the
+topic's end, one or two such stalls decided the figures, on both sides, at random.
+With 50% more in the topic, every partition still has messages when the timed count is
+reached.
 
 Both use the group timeouts the tests use on Tansu (``session_timeout_ms`` 6000,
 ``heartbeat_interval_ms`` 1000, ``max_poll_interval_ms`` 6000), so that a join takes
@@ -84,7 +84,7 @@ from benchmarks._common import (
 )
 from benchmarks.bench_worker_file import WorkerClock, check_offsets, stats_of
 from consumers.generate import synthetic_messages
-from consumers.kafkastream import KafkaStream, produce_messages
+from consumers.kafkastream import FETCH_WAIT_MS, KafkaStream, produce_messages
 from consumers.worker import Stats, Worker
 from tracker import Settings, Tracker
 
@@ -131,6 +131,7 @@ def stream_consumer_options(bootstrap: str, group: str) -> dict[str, Any]:
         "partition_assignment_strategy": (RangePartitionAssignor, RoundRobinPartitionAssignor),
         **GROUP_TIMEOUTS,
         "max_poll_records": 2_000,
+        "fetch_max_wait_ms": FETCH_WAIT_MS,
         "request_timeout_ms": max(int(STREAM_TIMEOUT * 1000), session + 5000),
     }
 

@@ -30,6 +30,10 @@ from tracker.errors import LogError, LogNotFoundError, LogUnavailableError
 
 log = logging.getLogger(__name__)
 
+FETCH_WAIT_MS = 100
+"""How long a fetch that finds nothing waits at the broker: new messages reach the handler
+at most this much later (kafka-python's default, 500 ms, is half the delay budget)."""
+
 Flush = Callable[[], dict[int, int]]
 """Flushes the worker's offsets and returns the positions to commit; blocking."""
 
@@ -141,6 +145,7 @@ class KafkaStream:
                 heartbeat_interval_ms=heartbeat_interval_ms,
                 max_poll_interval_ms=max_poll_interval_ms,
                 max_poll_records=max_poll_records,
+                fetch_max_wait_ms=FETCH_WAIT_MS,
                 request_timeout_ms=max(int(timeout * 1000), session_timeout_ms + 5000),
             )
         except kafka_errors.KafkaError as exc:
