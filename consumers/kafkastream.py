@@ -38,8 +38,8 @@ Flush = Callable[[], dict[int, int]]
 """Flushes the worker's offsets and returns the positions to commit; blocking."""
 
 
-def _headers(raw: Sequence[tuple[str, bytes]] | None) -> list[tuple[str, bytes]]:
-    return [(name, value or b"") for name, value in raw or ()]
+_new_incoming = tuple.__new__
+"""``Incoming``'s own constructor, without the Python-level ``__new__`` of a namedtuple."""
 
 
 class _Revocations(AsyncConsumerRebalanceListener):  # type: ignore[misc]
@@ -177,7 +177,10 @@ class KafkaStream:
         return [
             Chunk(
                 tp.partition,
-                [Incoming(r.offset, r.key, r.value or b"", _headers(r.headers)) for r in records],
+                [
+                    _new_incoming(Incoming, (r.offset, r.key, r.value or b"", r.headers or []))
+                    for r in records
+                ],
                 epoch,
             )
             for tp, records in polled.items()

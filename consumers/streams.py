@@ -88,9 +88,10 @@ DLQ_HEADERS = ("dlq.reason", "dlq.partition", "dlq.offset", "dlq.consumer", "dlq
 
 
 def dead_letter_headers(letter: DeadLetter, consumer: str, stream: str) -> Headers:
-    """The original headers plus why, where from and who dead-lettered the message."""
+    """The original headers (a null value as empty) plus why, where from and who
+    dead-lettered the message."""
     added = (letter.reason, str(letter.partition), str(letter.position), consumer, stream)
     return [
-        *letter.headers,
+        *((name, value or b"") for name, value in letter.headers),
         *((name, v.encode()) for name, v in zip(DLQ_HEADERS, added, strict=True)),
     ]

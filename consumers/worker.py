@@ -5,7 +5,9 @@ Every ``flush_ms`` (or ``flush_max`` messages) it appends them as ``offset_commi
 events (``commit_many(wait=False)``: the log's acknowledgement is the durability point),
 writes its dead letters, and only then commits the stream positions. A crash therefore
 loses no acknowledged offset and at worst redelivers messages, which is harmless: offsets
-are max-registers.
+are max-registers. A flush runs on a thread of its own, one at a time: handling goes on
+while the log's acknowledgement is awaited, and the main thread commits the positions of
+a flush once it has ended.
 
 With a consumer group the handler runs on a thread of its own while the main thread keeps
 polling with the partitions paused: a slow handler never gets the worker thrown out of the
@@ -15,11 +17,13 @@ message; what it did not handle is read again by the next owner).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 from consumers.handlers import Attempts, Handler, Interrupted, acknowledge
 from consumers.messages import Undecodable, decode_message, message_ids
@@ -36,8 +40,21 @@ def _letter(partition: int, message: Incoming, reason: str) -> DeadLetter:
     )
 
 
+class _Taken(NamedTuple):
+    """One flush's share: the highest offsets, positions and dead letters since the last."""
+
+    pending: dict[str, int]
+    positions: dict[int, int]
+    letters: list[DeadLetter]
+    unflushed: int
+
+    def __bool__(self) -> bool:
+        return bool(self.pending or self.positions or self.letters)
+
+
 class Stats:
-    """Counters for the summary line; read by any thread, written by the worker."""
+    """Counters for the summary line; read by any thread, written by the worker.
+    ``flushes`` counts flushes begun (each takes at most ``flush_max`` messages and a poll)."""
 
     __slots__ = ("committed", "dead_lettered", "flushes", "processed", "retried")
 
@@ -86,6 +103,12 @@ class Worker:
         self._oldest: float | None = None
         self._flush_failures = 0
         self._dead_flushed = 0
+        self._flushing = threading.RLock()
+        """Held for the whole of a flush: flushes never overlap, and run in order."""
+        self._acked: dict[int, int] = {}
+        """Positions whose flush the log acknowledged, not committed yet."""
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="tracker-flush")
+        self._inflight: Future[None] | None = None
         keep_alive = getattr(stream, "needs_keep_alive", False)
         self._keep_alive_after = (
             getattr(stream, "max_poll_interval", 300.0) / 4 if keep_alive else None
@@ -117,8 +140,12 @@ class Worker:
                 chunks = self.stream.poll(min(timeout, 0.5) if timeout else 0.05)
                 if chunks:
                     self._handle(chunks)
-                if self._flush_due():
-                    self.flush()
+                if self._inflight is not None and (
+                    self._inflight.done() or self._unflushed >= self.flush_max
+                ):  # at most one flush in flight: a flush takes at most flush_max messages
+                    self._finish_flush()
+                if self._inflight is None and self._flush_due():
+                    self._inflight = self._flusher.submit(self._write, self._take())
                 now = time.monotonic()
                 if self.report_every and now - last_report >= self.report_every:
                     rate = (self.stats.processed - last_processed) / (now - last_report)
@@ -126,6 +153,7 @@ class Worker:
                     last_report, last_processed = now, self.stats.processed
         finally:
             self._final_flush()
+            self._flusher.shutdown()
             self._attempts.close()
         elapsed = time.monotonic() - started
         self._say(self.summary(self.stats.processed / elapsed if elapsed else 0.0, final=True))
@@ -134,6 +162,9 @@ class Worker:
     def _final_flush(self) -> None:
         """Flush and commit, retrying a retriable failure a few times (``flush`` would
         only wait for the next loop, and there is none)."""
+        if self._inflight is not None:
+            with contextlib.suppress(TrackerError):  # a failed flush's results are kept
+                self._finish_flush()
         for attempt in range(5):
             try:
                 positions = self._take_and_flush()
@@ -265,17 +296,22 @@ class Worker:
 
     # -- flushing ----------------------------------------------------------------------
 
-    def _take_and_flush(self) -> dict[int, int]:
-        """Append what was handled, write the dead letters; the positions now safe to commit.
-
-        On failure the results are kept for the next flush and the error is raised.
-        """
+    def _take(self) -> _Taken:
+        """What was handled since the last take, to flush."""
         with self._state:
-            pending, positions, letters = self._pending, self._positions, self._letters
-            if not pending and not positions and not letters:
-                return {}
+            taken = _Taken(self._pending, self._positions, self._letters, self._unflushed)
             self._pending, self._positions, self._letters = {}, {}, []
-            unflushed, self._unflushed, self._oldest = self._unflushed, 0, None
+            self._unflushed, self._oldest = 0, None
+            if taken:
+                self.stats.flushes += 1
+            return taken
+
+    def _write(self, taken: _Taken) -> None:
+        """Append the offsets and write the dead letters of ``taken``; its positions become
+        safe to commit. Flushes write one at a time, in order. On failure ``taken`` is
+        given back, for the next flush, and the error is raised."""
+        pending = taken.pending
+        with self._flushing:
             try:
                 if pending:
                     self.tracker.commit_many(
@@ -284,13 +320,25 @@ class Worker:
                     )
                     self.stats.committed += len(pending)
                     pending = {}
-                self.stream.dead_letter(letters, self.consumer)
-                self._dead_flushed += len(letters)
+                self.stream.dead_letter(taken.letters, self.consumer)
             except BaseException:
-                self._restore(pending, positions, letters, unflushed)
+                with self._state:
+                    self._restore(pending, taken.positions, taken.letters, taken.unflushed)
                 raise
-            self.stats.flushes += 1
-            return positions
+            with self._state:
+                self._dead_flushed += len(taken.letters)
+                self._acked.update(taken.positions)
+
+    def _take_acked(self) -> dict[int, int]:
+        with self._state:
+            acked, self._acked = self._acked, {}
+            return acked
+
+    def _take_and_flush(self) -> dict[int, int]:
+        """Flush now, after any flush in flight; every position now safe to commit."""
+        with self._flushing:
+            self._write(self._take())
+        return self._take_acked()
 
     def _restore(
         self,
@@ -308,22 +356,41 @@ class Worker:
         self._unflushed += unflushed
         self._oldest = time.monotonic()
 
+    def _finish_flush(self) -> None:
+        """Commit the positions of the background flush that ended (or report its failure)."""
+        future, self._inflight = self._inflight, None
+        assert future is not None
+        try:
+            future.result()
+        except TrackerError as exc:
+            self._flush_failed(exc)
+            return
+        self._flush_failures = 0
+        positions = self._take_acked()
+        if positions:
+            self.stream.commit(positions)
+
+    def _flush_failed(self, exc: TrackerError) -> None:
+        if not exc.retriable:
+            raise exc
+        self._flush_failures += 1
+        delay = min(0.2 * 2**self._flush_failures, 5.0)
+        log.warning(
+            "%s: flush failed (%s); nothing is lost, retrying in %.1f s",
+            self.stream.description,
+            exc,
+            delay,
+        )
+        self._stopping.wait(delay)
+
     def flush(self) -> None:
-        """Flush now and commit the stream positions (the main thread's flush)."""
+        """Flush now, wait for it, and commit the stream positions."""
+        if self._inflight is not None:
+            self._finish_flush()
         try:
             positions = self._take_and_flush()
         except TrackerError as exc:
-            if not exc.retriable:
-                raise
-            self._flush_failures += 1
-            delay = min(0.2 * 2**self._flush_failures, 5.0)
-            log.warning(
-                "%s: flush failed (%s); nothing is lost, retrying in %.1f s",
-                self.stream.description,
-                exc,
-                delay,
-            )
-            self._stopping.wait(delay)
+            self._flush_failed(exc)
             return
         self._flush_failures = 0
         if positions:
