@@ -8,6 +8,7 @@
     ├── SessionNotFoundError         no such session (or it was deleted)
     ├── SessionExistsError           an id that is already taken
     ├── ClosedError                  the tracker was closed; open a new one
+    ├── TokenNotFoundError           no API token of that name (``tokens revoke``)
     ├── LogError
     │   ├── LogNotFoundError         no event log where one was expected (a mistyped data dir)
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
@@ -56,6 +57,10 @@ class SessionExistsError(TrackerError):
 
 class ClosedError(TrackerError):
     """The tracker (or one of its parts) was closed; calls after ``close()`` raise this."""
+
+
+class TokenNotFoundError(TrackerError):
+    """No API token has that name (it was never created, or was revoked already)."""
 
 
 class LogError(TrackerError):

@@ -35,6 +35,7 @@ ENV = {
     "fsync": "TRACKER_FSYNC",
     "lock_timeout": "TRACKER_LOCK_TIMEOUT",
     "wait_timeout": "TRACKER_WAIT_TIMEOUT",
+    "api_tokens_file": "TRACKER_API_TOKENS_FILE",
 }
 """The environment variable of each setting."""
 
@@ -134,6 +135,8 @@ class Settings:
     """Seconds an append waits for the log's lock before giving up (retriable)."""
     wait_timeout: float = 30.0
     """Seconds a command waits for its events to become visible (``wait=True``)."""
+    api_tokens_file: Path | None = None
+    """The HTTP API's token file; ``None``: ``tokens.json`` in the data dir."""
 
     def __post_init__(self) -> None:
         _check({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
@@ -160,6 +163,9 @@ class Settings:
             "fsync": _flag(env, ENV["fsync"], True),
             "lock_timeout": _seconds(env, ENV["lock_timeout"], 30.0),
             "wait_timeout": _seconds(env, ENV["wait_timeout"], 30.0),
+            "api_tokens_file": Path(tokens)
+            if (tokens := env.get(ENV["api_tokens_file"]))
+            else None,
         }
         _check(values, ENV)
         return cls(**values)

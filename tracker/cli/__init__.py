@@ -4,7 +4,7 @@
 other module a group of commands, registered on import.
 """
 
-from tracker.cli import admin, consumers, events, offsets, sessions, workers
+from tracker.cli import admin, consumers, events, offsets, sessions, tokens, workers
 from tracker.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -32,5 +32,6 @@ __all__ = [
     "offsets",
     "parse_offset",
     "sessions",
+    "tokens",
     "workers",
 ]
