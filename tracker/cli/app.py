@@ -56,12 +56,17 @@ _HELP_INSTEAD: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 """A group run without a command shows its help (click >= 8.2 raises this for it)."""
 
 
+_LINE_BREAKS = re.compile(r"\s*\n\s*")
+
+
 class OneLineUsageError(click.UsageError):
     """A usage error shown as one line (click's own adds the usage and a blank line)."""
 
     def show(self, file: Any = None) -> None:
         hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
-        click.echo(f"error: {self.format_message()}{hint}", file=file, err=True)
+        # click lists the choices of a missing option on lines of their own
+        message = _LINE_BREAKS.sub(" ", self.format_message())
+        click.echo(f"error: {message}{hint}", file=file, err=True)
 
 
 class TrackerGroup(click.Group):
