@@ -161,9 +161,10 @@ def assert_flux0_session(value: Any) -> None:
 
 HELP = {
     (): ["sessions", "offsets", "events", "replay", "verify", "demo", "--data-dir"],
-    ("sessions",): ["create", "show", "list", "rename", "delete"],
+    ("sessions",): ["create", "show", "list", "rename", "delete", "history"],
     ("sessions", "create"): ["--agent-id", "--user-id", "--id", "--title", "--json"],
-    ("sessions", "show"): ["SESSION_ID", "--json"],
+    ("sessions", "show"): ["SESSION_ID", "--json", "--as-of", "--min-position", "--timeout"],
+    ("sessions", "history"): ["SESSION_ID", "--json"],
     ("sessions", "list"): ["--user-id", "--agent-id", "--json"],
     ("sessions", "rename"): ["SESSION_ID", "[TITLE]", "--clear", "--json"],
     ("sessions", "delete"): ["SESSION_ID"],

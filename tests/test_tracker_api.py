@@ -767,7 +767,9 @@ def test_wait_for_a_position_never_appended_times_out_clearly(settings: Settings
         create(tracker, "wf-1")
         ahead = Position(0, 10**6, 0)
         started = time.monotonic()
-        with pytest.raises(NotYetVisibleError, match=r"not applied after 0\.2 s") as info:
+        with pytest.raises(
+            NotYetVisibleError, match=r"not visible after 0\.2 s: it is past the end of the log"
+        ) as info:
             tracker.wait_for(ahead, timeout=0.2)
         assert time.monotonic() - started < 5
         assert info.value.retriable and info.value.positions == [ahead]
@@ -786,6 +788,8 @@ def test_every_method_of_a_closed_tracker_says_so(settings: Settings) -> None:
         tracker.verify,
         tracker.replay,
         lambda: tracker.wait_for(Position(0, 0, 0)),
+        lambda: tracker.history("cl-1"),
+        lambda: tracker.session_as_of("cl-1", Position(0, 0, 0)),
     ]
     for call in calls:
         with pytest.raises(ClosedError, match="closed") as info:

@@ -22,6 +22,7 @@ from tracker.errors import (
     ClosedError,
     GenerationRetiredError,
     NotYetVisibleError,
+    SessionNotFoundError,
     SnapshotStoreError,
     SnapshotUnavailableError,
     TrackerError,
@@ -32,8 +33,17 @@ from tracker.events import (
 )
 from tracker.fold import BatchFolder, SessionState
 from tracker.generations import Generations
+from tracker.history import (
+    AsOf,
+    HistoryEntry,
+    check_as_of,
+    check_position,
+    history_entries,
+    session_events,
+)
+from tracker.history import session_as_of as fold_as_of
 from tracker.logs import Appended, LogBackend, events_of, open_log
-from tracker.model import SessionDTO
+from tracker.model import SessionDTO, SessionId, checked
 from tracker.projector import BackgroundProjector, Progress, Projector, Tailer
 from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
@@ -274,6 +284,7 @@ class Tracker(Commands):
         is needed; raises :class:`NotYetVisibleError` after ``timeout`` seconds.
         """
         self._check_projection()
+        check_position(position, self._log.partitions, "position")
         seconds = self.settings.wait_timeout if timeout is None else timeout
         if not self.self_projecting:
             self._wait_for_projectors(position, seconds)
@@ -286,7 +297,18 @@ class Tracker(Commands):
                 raise NotYetVisibleError(
                     f"position {position.token()} is not visible yet: {error}", [position]
                 ) from error
-        self.reader.wait_for(position, seconds)
+        try:
+            self.reader.wait_for(position, seconds)
+        except NotYetVisibleError as error:
+            end = self._log.end(position.partition)
+            if end is not None and end >= position:
+                raise
+            raise NotYetVisibleError(
+                f"position {position.token()} is not visible after {seconds:g} s: it is past "
+                f"the end of the log ({end.token() if end else 'empty'}); was it written to "
+                "this data dir?",
+                error.positions,
+            ) from error
 
     def _wait_for_projectors(self, position: Position, timeout: float) -> None:
         """Kafka mode: wait for the ``tracker project`` processes to apply ``position``."""
@@ -340,6 +362,31 @@ class Tracker(Commands):
     def export_events(self) -> Iterator[AnyEvent]:
         """Every event in log order, each with its ``position``."""
         return events_of(self._log)
+
+    @open_only
+    def history(self, session_id: str) -> list[HistoryEntry]:
+        """Every event of a session in log order, with its position and recorded time.
+
+        Read from the log (its partition only), not Redis: deleted sessions and ids that
+        only have offsets have a history too. Raises :class:`SessionNotFoundError` if the
+        log holds no event for the id.
+        """
+        checked(session_id, SessionId, "session_id")
+        entries = history_entries(session_events(self._log, session_id))
+        if not entries:
+            raise SessionNotFoundError(f"session {session_id} not found: no event in the log")
+        return entries
+
+    @open_only
+    def session_as_of(self, session_id: str, as_of: AsOf) -> SessionDTO | None:
+        """The session as it was at a position (inclusive) or a time (events recorded at or
+        before it), folded from the log with the projection's fold; ``None`` if it was not
+        created yet then, or already deleted. A position must be in the session's partition.
+        """
+        checked(session_id, SessionId, "session_id")
+        check_as_of(as_of, session_id, self._log.partitions)
+        upto = as_of if isinstance(as_of, Position) else None
+        return fold_as_of(session_events(self._log, session_id, upto), as_of)
 
     @open_only
     def event_count(self) -> int:

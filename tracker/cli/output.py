@@ -13,12 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tracker.history import HistoryEntry
 from tracker.model import SessionDTO, format_datetime
 from tracker.results import CommitResult, ResetPlan
 from tracker.service import Tracker
 from tracker.settings import Settings
 
 _json = msgspec.json.Encoder()
+
+HISTORY_ENVELOPE = frozenset(["type", "session_id", "event_id", "recorded_at", "position"])
+"""Fields a history table shows in columns of their own, or not at all."""
 
 LITERAL: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False, "soft_wrap": True}
 """Console settings that print every string as given: titles like ``[/]``, ``[link=...]``
@@ -114,6 +118,27 @@ class Cli:
             )
         self.out.print(table)
         self.err.print(f"{len(sessions)} sessions")
+
+    def history(self, entries: list[HistoryEntry], as_json: bool) -> None:
+        if as_json:
+            for entry in entries:
+                self.json_line(entry)
+            return
+        table = Table()
+        for column in ("position", "recorded_at", "type"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("details", overflow="fold")
+        for entry in entries:
+            event = entry.event
+            details = {k: v for k, v in event.items() if k not in HISTORY_ENVELOPE}
+            text = ", ".join(f"{name}={value}" for name, value in details.items())
+            if event.get("type") == "title_changed" and "title" not in details:
+                text = "title cleared"
+            table.add_row(
+                entry.position, format_datetime(entry.recorded_at), str(event.get("type")), text
+            )
+        self.out.print(table)
+        self.err.print(f"{len(entries)} events")
 
     def offsets(self, session_id: str, offsets: dict[str, int], as_json: bool) -> None:
         if as_json:

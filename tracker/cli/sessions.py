@@ -1,4 +1,4 @@
-"""``tracker sessions``: create, show, list, rename and delete sessions."""
+"""``tracker sessions``: create, show (now or in the past), list, rename, delete; history."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tracker.cli.output import Cli, json_option, pass_cli
 from tracker.errors import (
     SessionNotFoundError,
 )
+from tracker.history import parse_as_of, parse_position
 
 
 @main.group()
@@ -35,11 +36,52 @@ def sessions_create(
 
 @sessions.command("show")
 @click.argument("session_id")
+@click.option(
+    "--as-of",
+    metavar="TIME|POSITION",
+    help="Show the session as it was at this time (ISO 8601 with a zone, e.g. "
+    "2025-01-29T09:27:41Z) or log position (PARTITION:OFFSET:INDEX), from the log.",
+)
+@click.option(
+    "--min-position",
+    metavar="POSITION",
+    help="First wait until this position (PARTITION:OFFSET:INDEX, as a write printed it) "
+    "is visible: read-your-writes; exit 75 if it is not within --timeout.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How long --min-position waits.  [default: TRACKER_WAIT_TIMEOUT, 30 s]",
+)
 @json_option
 @pass_cli
-def sessions_show(cli: Cli, session_id: str, as_json: bool) -> None:
-    """Show one session (exit 1 if it is unknown, deleted or never created)."""
+def sessions_show(
+    cli: Cli,
+    session_id: str,
+    as_of: str | None,
+    min_position: str | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Show one session (exit 1 if it is unknown, deleted or never created).
+
+    With --as-of, as it was then (exit 1 if it did not exist then).
+    """
+    if as_of is not None and min_position is not None:
+        raise click.UsageError("give at most one of --as-of or --min-position")
+    if timeout is not None and min_position is None:
+        raise click.UsageError("--timeout applies to --min-position only")
+    if as_of is not None:
+        point = parse_as_of(as_of)
+        past = cli.tracker().session_as_of(session_id, point)
+        if past is None:
+            raise SessionNotFoundError(f"session {session_id} did not exist at {as_of}")
+        cli.sessions([past], as_json, single=True)
+        return
     tracker = cli.tracker()
+    if min_position is not None:
+        tracker.wait_for(parse_position(min_position, "min_position"), timeout)
     session = tracker.get_session(session_id)
     if session is None:
         state = tracker.session_state(session_id)
@@ -54,6 +96,19 @@ def sessions_show(cli: Cli, session_id: str, as_json: bool) -> None:
             raise SessionNotFoundError(f"session {session_id} was never created")
         raise SessionNotFoundError(f"session {session_id} not found")
     cli.sessions([session], as_json, single=True)
+
+
+@sessions.command("history")
+@click.argument("session_id")
+@json_option
+@pass_cli
+def sessions_history(cli: Cli, session_id: str, as_json: bool) -> None:
+    """Every event of a session in log order, from the log (deleted sessions too).
+
+    Exit 1 if the log holds no event for SESSION_ID. With --json, one line per event:
+    its position, recorded_at, and the event as `tracker events export` writes it.
+    """
+    cli.history(cli.tracker().history(session_id), as_json)
 
 
 @sessions.command("list")
