@@ -4,7 +4,7 @@
 other module a group of commands, registered on import.
 """
 
-from tracker.cli import admin, consumers, events, offsets, sessions, tokens, workers
+from tracker.cli import admin, consumers, events, offsets, serve, sessions, tokens, workers
 from tracker.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -31,6 +31,7 @@ __all__ = [
     "main",
     "offsets",
     "parse_offset",
+    "serve",
     "sessions",
     "tokens",
     "workers",
