@@ -6,11 +6,16 @@ the same log and Redis. Settings come from ``TRACKER_*`` as for the CLI, plus:
 
 * ``TRACKER_API_TOKENS_FILE``: the tokens file (default ``<data dir>/tokens.json``);
 * ``TRACKER_API_INSECURE=1``: no tokens needed (every request is ``admin``);
-* ``TRACKER_API_WAIT``: seconds a read with ``?min_position=`` waits (default 5).
+* ``TRACKER_API_WAIT``: seconds a read with ``?min_position=`` waits (default 5);
+* ``TRACKER_API_DLQ``: where the status page reads dead letters (``dir:PATH``,
+  ``kafka:TOPIC``, comma-separated; see :mod:`tracker.api.deadletters`);
+* ``TRACKER_API_LAG_SAMPLE``: seconds between the status page's lag samples (default 5).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 
@@ -19,11 +24,13 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 
-from tracker.api import ops, resets, sessions
+from tracker.api import ops, resets, sessions, status
 from tracker.api.auth import Auth
 from tracker.api.bodies import MAX_BODY
 from tracker.api.context import Api
+from tracker.api.deadletters import parse_sources
 from tracker.api.errors import HANDLERS
+from tracker.api.lagchart import LagHistory, sample_seconds
 from tracker.api.metrics import LAG, PROMETHEUS, Metrics
 from tracker.errors import ConfigError
 from tracker.settings import Settings
@@ -69,25 +76,34 @@ def create_app(
         tokens = TokenFile(path)
     auth = Auth(tokens)
     api = Api(settings, auth, wait_seconds=_wait(env))
+    page = status.StatusPage(
+        parse_sources(env, settings.kafka_bootstrap), LagHistory(sample_seconds(env))
+    )
+    sampler: list[asyncio.Task[None]] = []
 
-    def start() -> None:
+    async def start() -> None:
         api.open()
         LAG.api = api
+        sampler.append(asyncio.create_task(page.history.run(api.tracker.status)))
 
-    def stop() -> None:
+    async def stop() -> None:
+        for task in sampler:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if LAG.api is api:
             LAG.api = None
         api.close()
 
     return Litestar(
-        route_handlers=[*sessions.ROUTES, *resets.ROUTES, *ops.ROUTES, Metrics],
+        route_handlers=[*sessions.ROUTES, *resets.ROUTES, *ops.ROUTES, *status.ROUTES, Metrics],
         guards=[auth.guard],
         exception_handlers=HANDLERS,
         request_max_body_size=MAX_BODY,
         middleware=[PROMETHEUS.middleware],
         on_startup=[start],
         on_shutdown=[stop],
-        state=State({"api": api}),
+        state=State({"api": api, "status_page": page}),
         openapi_config=OpenAPIConfig(
             title="offset-tracker",
             version="0.1.0",

@@ -1,0 +1,273 @@
+"""The status page at ``/``: a real ``tracker serve`` process, looked at with a real
+headless browser (Playwright driving Debian's chromium) and with httpx.
+
+The server's file stream has dead letters written by the stream's own helper (one reason
+is a script tag: it must show as text and never run), and events appended to the log
+behind the server's back, so the page has a lag to show.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from playwright.sync_api import Dialog, Page, sync_playwright
+
+from consumers.filestream import FileStream, append_messages, open_stream_log
+from consumers.streams import DeadLetter
+from tests.conftest import delete_prefix, prefix_for
+from tests.services import free_port, stop_process
+from tests.test_api import server_env
+from tracker.api.deadletters import parse_sources
+from tracker.errors import ConfigError
+from tracker.events import OffsetCommitted, new_event_ids, utcnow
+from tracker.logs import open_log
+from tracker.settings import Settings
+from tracker.tokens import TokenFile
+from tracker.writer import Writer
+
+CHROMIUM = Path("/usr/bin/chromium")
+USER, OTHER, AGENT = "userAAAAAA", "userBBBBBB", "agentAAAAA"
+SCRIPT = "<script>alert(1)</script>"
+TITLE = "<b>not bold</b> & co"
+BEHIND = 3
+"""Events appended to the log without projecting them: the lag the page must show."""
+
+
+@dataclass
+class Site:
+    url: str
+    tokens: dict[str, str]
+    mine: str
+    """A session of USER, with offsets of two consumers."""
+    theirs: str
+    """A session of OTHER."""
+    end: str
+    applied: str
+    stream: str
+    """The stream directory the dead letters name (``dlq.stream``)."""
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[token]}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def write_dead_letters(stream: Path) -> None:
+    """Two dead letters of consumer ``notifier``, written as a worker writes them."""
+    with open_stream_log(stream, create=True) as log:
+        append_messages(log, [[("s1", b"not json"), ("s2", b"{}")]])
+    source = FileStream(stream, "notifier")
+    try:
+        source.dead_letter(
+            [
+                DeadLetter(0, 0, b"s1", b"not json", [], SCRIPT),
+                DeadLetter(0, 1, b"s2", b"{}", [], "offset: Object missing required field"),
+            ],
+            "notifier",
+        )
+    finally:
+        source.close()
+
+
+def serve(tmp: Path, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+    """``python -m tracker serve`` on a free port, once ``/healthz`` answers."""
+    port = free_port()
+    log = tmp / "serve.log"
+    command = [sys.executable, "-m", "tracker", "serve", "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return url, process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise RuntimeError(f"tracker serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def site(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
+) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("status")
+    prefix = prefix_for(f"{__name__}::site", "status")
+    delete_prefix(redis_client, prefix)
+    tokens_path = tmp / "tokens.json"
+    tokens = TokenFile(tokens_path)
+    secrets: dict[str, str] = {}
+    for name, scope, user in [("read", "read", None), ("write", "write", None)]:
+        secrets[name], _ = tokens.create(scope, user_id=user, name=name)
+    secrets["user-read"], _ = tokens.create("read", user_id=USER, name="user-read")
+    write_dead_letters(tmp / "stream")
+    env = server_env(tmp / "data", redis_url, prefix, tokens_path)
+    env.update(TRACKER_API_DLQ=f"dir:{tmp / 'stream' / 'dlq'}", TRACKER_API_LAG_SAMPLE="0.2")
+    url, process = serve(tmp, env)
+    try:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {secrets['write']}"}, timeout=30
+        ) as write:
+            mine = write.post(
+                "/api/sessions", json={"agent_id": AGENT, "user_id": USER, "title": TITLE}
+            ).json()["id"]
+            theirs = write.post("/api/sessions", json={"agent_id": AGENT, "user_id": OTHER})
+            offsets = {"client": 7, "notifier": 3}
+            patched = write.patch(f"/api/sessions/{mine}", json={"consumption_offsets": offsets})
+            assert patched.status_code == 200, patched.text
+        settings = Settings(data_dir=tmp / "data", redis_url=redis_url, prefix=prefix)
+        with open_log(settings, create=False) as log:
+            applied = log.end(0)
+            events = [
+                OffsetCommitted(
+                    session_id=mine, consumer="backfill", offset=n, event_id=event_id,
+                    recorded_at=utcnow(),
+                )  # fmt: skip
+                for n, event_id in enumerate(new_event_ids(BEHIND))
+            ]
+            Writer(log).append(events)
+            end = log.end(0)
+        assert applied is not None and end is not None
+        stream = str(tmp / "stream")
+        yield Site(url, secrets, mine, theirs.json()["id"], end.token(), applied.token(), stream)
+    finally:
+        stop_process(process)
+        delete_prefix(redis_client, prefix)
+
+
+def no_dialogs(dialog: Dialog) -> None:
+    pytest.fail(f"the page opened a {dialog.type} dialog: {dialog.message!r}")
+
+
+def cells(page: Page, selector: str) -> list[list[str]]:
+    rows = page.locator(f"{selector} tbody tr")
+    return [
+        [cell.strip() for cell in rows.nth(i).locator("td").all_inner_texts()]
+        for i in range(rows.count())
+    ]
+
+
+def test_the_page_in_a_browser(site: Site) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs it (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("dialog", no_dialogs)
+            response = page.goto(site.url + "/")
+            assert response is not None and response.status == 401
+            assert page.locator("form#login").is_visible()
+            assert page.locator("#partitions").count() == 0
+
+            page.fill("input[name=token]", "not-a-token")
+            page.click("form#login button")
+            assert page.locator("#login-error").inner_text() == "Unknown token."
+
+            page.fill("input[name=token]", site.tokens["read"])
+            page.click("form#login button")
+            page.wait_for_selector("#partitions")
+            cookie = {c["name"]: c for c in page.context.cookies()}["tracker_token"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+            assert cells(page, "#partitions") == [["0", site.end, site.applied, str(BEHIND)]]
+            assert page.locator("#total-lag").inner_text() == str(BEHIND)
+
+            page.fill("input[name=session]", site.mine)
+            page.click("form#lookup button")
+            page.wait_for_selector("#offsets")
+            assert page.url.endswith(f"/?session={site.mine}")
+            assert cells(page, "#offsets") == [["client", "7"], ["notifier", "3"]]
+            assert TITLE in page.locator("#session").inner_text()
+
+            reasons = page.locator("#dead-letters td.reason").all_inner_texts()
+            assert reasons == ["offset: Object missing required field", SCRIPT]
+            letters = cells(page, "#dead-letters")
+            assert [row[1:4] for row in letters] == [
+                ["notifier", site.stream, "0:1"],
+                ["notifier", site.stream, "0:0"],
+            ]
+            assert page.locator("body script, body b").count() == 0
+
+            points = page.get_attribute("#lag-chart polyline.total", "points")
+            assert points is not None and len(points.split()) >= 2
+            assert re.search(rf"(^|,){BEHIND}(\D|$)", page.locator("#lag-chart").inner_text())
+
+            page.click("text=Log out")
+            page.wait_for_selector("form#login")
+        finally:
+            browser.close()
+
+
+def test_no_token_gets_only_the_login_form(site: Site) -> None:
+    with site.client() as anonymous:
+        response = anonymous.get("/", params={"session": site.mine})
+        assert response.status_code == 401
+        assert response.headers["content-type"].startswith("text/html")
+        assert 'id="login"' in response.text
+        assert site.mine not in response.text and "partitions" not in response.text
+        refused = anonymous.post("/login", data={"token": "nope"})
+        assert refused.status_code == 401 and "Unknown token." in refused.text
+
+
+def test_the_cookie_opens_the_page_but_not_the_json_api(site: Site) -> None:
+    with site.client() as browser:
+        login = browser.post("/login", data={"token": site.tokens["read"]})
+        assert login.status_code == 303 and login.headers["location"] == "/"
+        set_cookie = login.headers["set-cookie"].lower()
+        assert "httponly" in set_cookie and "samesite=strict" in set_cookie
+        assert browser.get("/").status_code == 200
+        assert browser.get(f"/api/sessions/{site.mine}").status_code == 401
+
+
+def test_a_bound_token_finds_only_its_users_sessions(site: Site) -> None:
+    with site.client("user-read") as bound:
+        own = bound.get("/", params={"session": site.mine})
+        assert own.status_code == 200 and 'id="offsets"' in own.text
+        other = bound.get("/", params={"session": site.theirs})
+        assert other.status_code == 404 and "Session not found" in other.text
+        assert OTHER not in other.text and 'id="offsets"' not in other.text
+    with site.client("read") as unbound:
+        other = unbound.get("/", params={"session": site.theirs})
+        assert other.status_code == 200 and OTHER in other.text
+
+
+def test_user_text_is_escaped(site: Site) -> None:
+    with site.client("read") as client:
+        html = client.get("/", params={"session": site.mine}).text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and SCRIPT not in html
+    assert "&lt;b&gt;not bold&lt;/b&gt; &amp; co" in html and "<b>" not in html
+    with site.client("read") as client:
+        odd = client.get("/", params={"session": '"><script>alert(2)</script>'})
+    assert odd.status_code == 422 and "<script>alert(2)" not in odd.text
+
+
+def test_dlq_places_are_parsed_or_refused() -> None:
+    env = {"TRACKER_API_DLQ": "dir:/a/dlq, kafka:events.dlq,kafka:broker:9092/x.dlq"}
+    places = parse_sources(env, "k:9092")
+    assert [(s.kind, s.where, s.bootstrap) for s in places] == [
+        ("dir", "/a/dlq", None),
+        ("kafka", "events.dlq", "k:9092"),
+        ("kafka", "x.dlq", "broker:9092"),
+    ]
+    for bad in ["/a/dlq", "kafka:", "kafka:bad topic", "file:/x"]:
+        with pytest.raises(ConfigError, match="TRACKER_API_DLQ"):
+            parse_sources({"TRACKER_API_DLQ": bad}, "k:9092")
+    with pytest.raises(ConfigError, match="TRACKER_KAFKA_BOOTSTRAP"):
+        parse_sources({"TRACKER_API_DLQ": "kafka:events.dlq"}, None)
