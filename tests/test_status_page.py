@@ -13,19 +13,22 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+from kafka import KafkaAdminClient
 from playwright.sync_api import Dialog, Page, sync_playwright
 
 from consumers.filestream import FileStream, append_messages, open_stream_log
+from consumers.kafkastream import KafkaStream, ensure_topic
 from consumers.streams import DeadLetter
 from tests.conftest import delete_prefix, prefix_for
 from tests.services import free_port, stop_process
 from tests.test_api import server_env
-from tracker.api.deadletters import parse_sources
+from tracker.api.deadletters import parse_sources, recent
 from tracker.errors import ConfigError
 from tracker.events import OffsetCommitted, new_event_ids, utcnow
 from tracker.logs import open_log
@@ -289,3 +292,34 @@ def test_dlq_places_are_parsed_or_refused() -> None:
             parse_sources({"TRACKER_API_DLQ": bad}, "k:9092")
     with pytest.raises(ConfigError, match="TRACKER_KAFKA_BOOTSTRAP"):
         parse_sources({"TRACKER_API_DLQ": "kafka:events.dlq"}, None)
+
+
+def test_dead_letters_of_a_kafka_topic(kafka_bootstrap: str, kafka_topic: str) -> None:
+    """The last 20 of a Kafka dead-letter topic, as a worker's stream writes them, with the
+    time Kafka recorded."""
+    ensure_topic(kafka_bootstrap, kafka_topic, 1, timeout=30)
+    stream = KafkaStream(kafka_bootstrap, kafka_topic, "notifier")
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    try:
+        for first in (0, 15):
+            letters = [DeadLetter(0, n, None, b"x", [], f"reason {n}") for n in range(first, 25)]
+            stream.dead_letter(letters[:15], "notifier")
+    finally:
+        stream.close()
+    dlq = f"{kafka_topic}.dlq"
+    try:
+        places = parse_sources({"TRACKER_API_DLQ": f"kafka:{dlq}"}, kafka_bootstrap)
+        shown, problems = recent(places)
+        assert problems == []
+        assert [d.reason for d in shown] == [f"reason {n}" for n in range(24, 4, -1)]
+        assert {(d.consumer, d.stream, d.source) for d in shown} == {
+            ("notifier", kafka_topic, f"kafka:{dlq}")
+        }
+        assert shown[0].position == "0:24"
+        assert all(d.time is not None and d.time > before for d in shown)
+    finally:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            admin.delete_topics([dlq], raise_errors=False)
+        finally:
+            admin.close()

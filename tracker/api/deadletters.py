@@ -146,7 +146,6 @@ def read_topic(source: Source) -> list[Letter]:
         group_id=None,
         enable_auto_commit=False,
         request_timeout_ms=max(ms, 1000),
-        api_version_auto_timeout_ms=ms,
     )
     try:
         partitions = consumer.partitions_for_topic(source.where) or set()
