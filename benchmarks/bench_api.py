@@ -27,9 +27,11 @@ worker threads (``anyio.to_thread``).
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -319,6 +321,10 @@ def profile_run(
             wrk, served.url, script, token, threads=args.wrk_threads,
             connections=HEADLINE_CONNECTIONS, seconds=args.seconds, pids={},
         )  # fmt: skip
+        # uvicorn re-raises the signal it stopped on: SIGTERM's default action would kill
+        # the process before cProfile writes; SIGINT's KeyboardInterrupt lets it write
+        os.kill(served.process.pid, signal.SIGINT)
+        served.process.wait(timeout=30)
     finally:
         served.stop()
     import io
@@ -326,6 +332,8 @@ def profile_run(
 
     if not stats.exists():
         return f"(no profile written to {stats})"
+    if os.environ.get("BENCH_API_KEEP_PROFILE"):
+        shutil.copy(stats, os.environ["BENCH_API_KEEP_PROFILE"])
     text = io.StringIO()
     report = pstats.Stats(str(stats), stream=text)
     report.sort_stats("tottime").print_stats(args.profile)
