@@ -17,6 +17,11 @@ a ``--warmup`` run of each server, then ``wrk -t T -c C -d S`` of the tracker an
 bare route in turn (the order alternates between repeats). The machine's two cores are
 shared by wrk, the server and Redis: the CPU seconds each used are in the JSON.
 
+A diagnostic floor, measured the same way (``--no-redis-floor`` skips it): the bare
+route doing one redis-py ``HGETALL`` of the session's real key on the event loop
+(``bare_app.create_redis_app``): what Litestar plus the one Redis read that any answer
+needs costs, without auth, metrics or the tracker's shaping (``ratio_to_bare_hgetall``).
+
 Targets at 10 connections: requests/s >= 0.5 of the bare route's, p99 <= 10 ms.
 ``--profile N`` runs one more load run against a tracker server started under cProfile
 (``python -m cProfile -o F -m tracker serve``; written when it stops) and logs its top N
@@ -26,6 +31,7 @@ worker threads (``anyio.to_thread``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -228,21 +234,23 @@ def tracker_server(tmp: Path, server: RedisServer, tokens: Path, *, profile: Pat
     return Served(name, argv, cli_env(**settings), port, tmp / f"serve-{port}.log")
 
 
-def bare_server(tmp: Path) -> Served:
+def bare_server(tmp: Path, factory: str = "create_app", **env: str) -> Served:
     port = free_port()
     argv = [
-        sys.executable, "-m", "uvicorn", "benchmarks.bare_app:create_app", "--factory",
+        sys.executable, "-m", "uvicorn", f"benchmarks.bare_app:{factory}", "--factory",
         "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
         "--no-access-log",
     ]  # fmt: skip
-    return Served("bare Litestar route", argv, cli_env(), port, tmp / f"bare-{port}.log")
+    name = "bare Litestar route" + (" + HGETALL" if env else "")
+    return Served(name, argv, cli_env(**env), port, tmp / f"bare-{port}.log")
 
 
 # -- the case -----------------------------------------------------------------------------
 
 
-def create_sessions(settings: Settings, workload: Workload) -> float:
-    """The workload's sessions through ``create_session``, then three consumers' commits."""
+def create_sessions(settings: Settings, workload: Workload) -> tuple[float, str]:
+    """The workload's sessions through ``create_session``, then three consumers' commits;
+    the seconds it took and the projection's keys (``prefix:generation:partitions``)."""
     started = time.perf_counter()
     with Tracker(settings) as tracker:
         for sid, (agent, user), title in zip(
@@ -256,7 +264,8 @@ def create_sessions(settings: Settings, workload: Workload) -> float:
         ]
         for start in range(0, len(commits), 10_000):
             tracker.commit_many(commits[start : start + 10_000])
-    return time.perf_counter() - started
+        keys = tracker.store.keys
+    return time.perf_counter() - started, f"{keys.prefix}:{keys.generation}:{keys.partitions}"
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -348,7 +357,7 @@ def run(args: Any, tmp: Path) -> dict[str, Any]:
     workload = Workload(args.seed, args.sessions)
     with redis_server(tmp / "redis", args.redis_server, aof=args.redis_aof) as server:
         settings = Settings(data_dir=tmp / "data", redis_url=server.url, prefix=PREFIX)
-        seconds = create_sessions(settings, workload)
+        seconds, keys = create_sessions(settings, workload)
         log(f"created {args.sessions} sessions x {len(CONSUMERS)} consumers ({seconds:.1f}s)")
         tokens = tmp / "tokens.json"
         token, _ = TokenFile(tokens).create("read", name="bench")
@@ -360,10 +369,17 @@ def run(args: Any, tmp: Path) -> dict[str, Any]:
         try:
             served["tracker"] = tracker_server(tmp, server, tokens, profile=None)
             served["bare"] = bare_server(tmp)
+            if args.redis_floor:
+                served["bare_hgetall"] = bare_server(
+                    tmp, "create_redis_app", BENCH_REDIS_URL=server.url, BENCH_KEYS=keys
+                )
             probe = f"/api/sessions/{workload.session_ids[0]}"
             sample = json.loads(served["tracker"].wait_up(probe, token))
             assert sample["id"] == workload.session_ids[0], sample
             bare_body = served["bare"].wait_up(probe, token)
+            if args.redis_floor:
+                raw = json.loads(served["bare_hgetall"].wait_up(probe, token))
+                assert raw, f"no hash for {probe}"
             tracker_body = served["tracker"].get(probe, token)[1]
             results = measure(args, wrk, script, token, served, server.pid)
             log_bytes = served["tracker"].log_path.stat().st_size
@@ -381,7 +397,14 @@ def run(args: Any, tmp: Path) -> dict[str, Any]:
         tracker_ = summarize(per_server["tracker"])
         bare = summarize(per_server["bare"])
         ratio = round(tracker_["requests_per_s"] / bare["requests_per_s"], 3)
-        by_connections[str(connections)] = {"tracker": tracker_, "bare": bare, "ratio": ratio}
+        row = {"tracker": tracker_, "bare": bare, "ratio": ratio}
+        if "bare_hgetall" in per_server:
+            floor = summarize(per_server["bare_hgetall"])
+            row["bare_hgetall"] = floor
+            row["ratio_to_bare_hgetall"] = round(
+                tracker_["requests_per_s"] / floor["requests_per_s"], 3
+            )
+        by_connections[str(connections)] = row
     head = by_connections[str(args.connections[0])]
     rate, p99, ratio = (
         head["tracker"]["requests_per_s"],
@@ -424,6 +447,15 @@ def run(args: Any, tmp: Path) -> dict[str, Any]:
         "ceiling": {
             "what": "a bare Litestar route answering a constant session, served the same way",
             **{c: v["bare"]["requests_per_s"] for c, v in by_connections.items()},
+            "bare_hgetall": {
+                "what": "diagnostic: the same route doing one redis-py HGETALL of the session's "
+                "key on the event loop (no auth, metrics or shaping); --no-redis-floor skips it",
+                **{
+                    c: v["bare_hgetall"]["requests_per_s"]
+                    for c, v in by_connections.items()
+                    if "bare_hgetall" in v
+                },
+            },
         },
     }
 
@@ -440,6 +472,12 @@ def main() -> None:
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk -t, the same for both servers")
     p.add_argument("--seconds", type=float, default=10.0, help="wrk -d of a measured run")
     p.add_argument("--warmup", type=float, default=3.0, help="wrk -d of the warm-up runs")
+    p.add_argument(
+        "--redis-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the bare route doing one HGETALL (a diagnostic floor; default on)",
+    )
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="one more run under cProfile, top N"
     )
