@@ -30,6 +30,7 @@ CASES = (
     "worker_file",
     "worker_kafka",
     "worker_delay",
+    "api",
 )
 
 QUICK: dict[str, list[str]] = {
@@ -46,6 +47,7 @@ QUICK: dict[str, list[str]] = {
     "worker_file": ["--messages", "200000", "--repeat", "1"],
     "worker_kafka": ["--messages", "30000", "--repeat", "1"],
     "worker_delay": ["--seconds", "5", "--warmup", "1", "--direct-seconds", "3"],
+    "api": ["--sessions", "2000", "--seconds", "3", "--warmup", "1"],
 }
 
 

@@ -122,7 +122,8 @@ def server(
     secrets = {}
     for name, (scope, user) in GRANTS.items():
         secrets[name], _ = tokens.create(scope, user_id=user, name=name)
-    url, process, log = start_server(tmp, redis_url, prefix, tokens_path)
+    # with the access log on, so that test_tokens_never_reach_the_log reads request lines
+    url, process, log = start_server(tmp, redis_url, prefix, tokens_path, "--access-log")
     try:
         yield Server(url, process, log, tmp / "data", redis_url, prefix, secrets)
     finally:
@@ -412,4 +413,6 @@ def test_serve_refuses_without_tokens_and_warns_when_insecure(
         assert httpx.get(f"{url}/api/sessions/{made.json()['id']}").status_code == 200
     finally:
         stop_process(process)
-    assert "warning: --insecure" in log.read_text()
+    text = log.read_text()
+    assert "warning: --insecure" in text
+    assert "GET /api/sessions/" not in text, "no access log by default"

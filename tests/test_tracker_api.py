@@ -159,6 +159,27 @@ def test_commit_is_a_max_register(tracker: Tracker) -> None:
     assert tracker.event_count() == 5, "stale commits are recorded too"
 
 
+def test_get_session_and_position_is_get_session_and_applied_position(
+    tracker: Tracker, settings: Settings
+) -> None:
+    assert tracker.get_session_and_position("nobody") == (None, None)
+    sid = create(tracker, "s1").id
+    last = tracker.commit(sid, "client", 7).position
+    session, applied = tracker.get_session_and_position(sid)
+    assert session == tracker.get_session(sid)
+    assert session is not None and session.consumption_offsets == {"client": 7}
+    assert applied == last == tracker.applied_position()
+    with Tracker(settings) as other:
+        other.replay()  # a new generation: the first tracker's one is retired
+        other.commit(sid, "client", 9)
+        assert tracker.get_session_and_position(sid) == (
+            other.get_session(sid),
+            other.applied_position(),
+        )
+    with pytest.raises(InvalidInputError, match="session_id"):
+        tracker.get_session_and_position("not an id")
+
+
 def test_offsets_up_to_2_63_minus_1(tracker: Tracker) -> None:
     sid = create(tracker, "s1").id
     tracker.commit(sid, "client", MAX_OFFSET - 1)

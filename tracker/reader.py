@@ -26,7 +26,7 @@ from tracker.fold import SessionState
 from tracker.generations import Generations
 from tracker.keys import partition_for
 from tracker.model import SessionDTO, SessionId, checked
-from tracker.snapshots import SnapshotStore
+from tracker.snapshots import RETIRED, SnapshotStore, applied_of
 
 
 class Reader:
@@ -95,6 +95,27 @@ class Reader:
         if state is None:
             checked(session_id, SessionId, "session_id")
         return state
+
+    def session_and_applied(self, session_id: str) -> tuple[SessionState | None, Position | None]:
+        """:meth:`session_state` and the applied position of its partition, one round trip.
+
+        What the HTTP API's ``GET /api/sessions/{id}`` answers (the session and its
+        ``X-Tracker-Position``): one pipelined read where two calls would take two.
+        """
+        if not isinstance(cast(object, session_id), str):
+            checked(session_id, SessionId, "session_id")
+        for _ in range(3):
+            store = self._store()
+            partition = partition_for(session_id, store.keys.partitions)
+            state, generation, token = store.get_one_with_checkpoint(partition, session_id)
+            if generation == str(store.keys.generation) and token != RETIRED:
+                break
+            self._rebound()
+        if state is None:
+            checked(session_id, SessionId, "session_id")
+        if token == RETIRED:  # replaced three times over: read the position the slow way
+            return state, self.applied_position(partition)
+        return state, applied_of(token)
 
     def get_session(self, session_id: str) -> SessionDTO | None:
         """The session, or ``None`` if it is unknown, deleted or was never created."""

@@ -339,6 +339,16 @@ class Tracker(Commands):
         return self.reader.get_session(session_id)
 
     @open_only
+    def get_session_and_position(
+        self, session_id: str
+    ) -> tuple[SessionDTO | None, Position | None]:
+        """:meth:`get_session` and :meth:`applied_position` of its partition, one Redis round
+        trip: a read at least as new as that position (see ``wait_for``)."""
+        self._check_projection()
+        state, applied = self.reader.session_and_applied(session_id)
+        return (state.to_dto() if state is not None else None), applied
+
+    @open_only
     def list_sessions(
         self, *, user_id: str | None = None, agent_id: str | None = None
     ) -> list[SessionDTO]:

@@ -96,6 +96,15 @@ def parse_partial(token: str) -> tuple[str, str, int, int] | None:
     return after, upto, int(chunk), int(size)
 
 
+def applied_of(token: str) -> Position | None:
+    """The position a raw checkpoint token says is applied (a batch in progress counts as
+    not); ``None`` for '' (nothing applied yet)."""
+    partial = parse_partial(token)
+    if partial is not None:
+        token = partial[0]
+    return Position.parse(token) if token else None
+
+
 @redis_boundary("reading its configuration")
 def check_redis(client: redis.Redis) -> list[str]:
     """Settings of the server that would silently break the projection's guarantees."""
@@ -221,11 +230,7 @@ class SnapshotStore:
 
     def applied(self, partition: int) -> Position | None:
         """The last position applied to this generation (a batch in progress counts as not)."""
-        token = self.checkpoint(partition)
-        partial = parse_partial(token)
-        if partial is not None:
-            token = partial[0]
-        return Position.parse(token) if token else None
+        return applied_of(self.checkpoint(partition))
 
     def merge(
         self,
@@ -341,6 +346,25 @@ class SnapshotStore:
         pipe.hget(Keys.meta(self.keys.prefix), "generation")
         values, generation = pipe.execute()
         return state_from_hash(session_id, cast(dict[str, str], values)), generation
+
+    @redis_boundary("reading a session")
+    def get_one_with_checkpoint(
+        self, partition: int, session_id: str
+    ) -> tuple[SessionState | None, str | None, str]:
+        """:meth:`get_in_generation` plus the partition's raw checkpoint, one round trip.
+
+        The checkpoint is read after the snapshot, so the position it gives is at or past
+        what the snapshot shows (as reading it afterwards would); ``RETIRED`` tells the
+        caller to rebind.
+        """
+        self.calls += 1
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.session(partition, session_id))
+        pipe.hget(Keys.meta(self.keys.prefix), "generation")
+        pipe.get(self.keys.checkpoint(partition))
+        values, generation, checkpoint = pipe.execute()
+        state = state_from_hash(session_id, cast(dict[str, str], values))
+        return state, generation, str(checkpoint) if checkpoint else ""
 
     @redis_boundary("reading sessions")
     def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:

@@ -25,6 +25,7 @@ from tracker.api.views import (
     position_headers,
     shown,
     visible,
+    visible_with_position,
     wait_min_position,
 )
 from tracker.model import SessionDTO
@@ -86,12 +87,17 @@ async def get_session(
 ) -> Response[SessionDTO]:
     """One session; 404 if it is unknown, deleted, or another user's."""
     api, grant = api_of(request), grant_of(request)
+    if min_position is None:
+        # one pipelined Redis read, run on the event loop: the hop to a worker thread and
+        # back cost more than the round trip itself (see benchmarks/bench_api.py)
+        session, headers = visible_with_position(api, grant, session_id)
+    else:
 
-    def run() -> tuple[SessionDTO, dict[str, str]]:
-        wait_min_position(api, min_position)
-        return visible(api, grant, session_id), position_headers(api, [session_id])
+        def run() -> tuple[SessionDTO, dict[str, str]]:
+            wait_min_position(api, min_position)
+            return visible_with_position(api, grant, session_id)
 
-    session, headers = await blocking(run)
+        session, headers = await blocking(run)
     return Response(shown(session, consumers), headers=headers)
 
 

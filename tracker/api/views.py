@@ -45,6 +45,18 @@ def visible(api: Api, grant: Grant, session_id: str) -> SessionDTO:
     return session
 
 
+def visible_with_position(
+    api: Api, grant: Grant, session_id: str
+) -> tuple[SessionDTO, dict[str, str]]:
+    """:func:`visible` and its :func:`position_headers`, read in one Redis round trip."""
+    from tracker.api.errors import SessionHidden
+
+    session, applied = api.tracker.get_session_and_position(session_id)
+    if session is None or (grant.user_id is not None and session.user_id != grant.user_id):
+        raise SessionHidden(session_id)
+    return session, {POSITION_HEADER: applied.token()} if applied is not None else {}
+
+
 def position_headers(api: Api, session_ids: list[str]) -> dict[str, str]:
     """``X-Tracker-Position``: the applied position of the sessions' partitions (comma-separated
     when a list spans several); a later read with ``?min_position=`` sees at least this."""

@@ -28,8 +28,15 @@ APP = "tracker.api.app:create_app"
     help="Server processes; each has its own tracker and its own metrics.",
 )
 @click.option("--insecure", is_flag=True, help="Need no tokens: every request may do anything.")
+@click.option(
+    "--access-log/--no-access-log",
+    default=False,
+    show_default=True,
+    help="Log a line per request (uvicorn's: client, method, path, status) on stdout. Off by "
+    "default: it costs about a tenth of a request's time. Tokens are never logged either way.",
+)
 @pass_cli
-def serve(cli: Cli, host: str, port: int, workers: int, insecure: bool) -> None:
+def serve(cli: Cli, host: str, port: int, workers: int, insecure: bool, access_log: bool) -> None:
     """Serve the flux0-compatible HTTP API (OpenAPI UI at /docs, schema at /openapi.json).
 
     Requests need `Authorization: Bearer <token>`, from `tracker tokens create`
@@ -68,4 +75,5 @@ def serve(cli: Cli, host: str, port: int, workers: int, insecure: bool) -> None:
         http="httptools",
         lifespan="on",
         server_header=False,
+        access_log=access_log,
     )
