@@ -15,9 +15,11 @@ COPY tracker ./tracker
 COPY consumers ./consumers
 RUN pip install . && rm -rf /src
 
-# A numeric non-root user, so that runAsNonRoot-style checks can verify it.
+# A numeric non-root user, so that runAsNonRoot-style checks can verify it. /data is
+# where docker-compose.yml mounts the API's tokens (a new named volume takes the owner of
+# the directory it is mounted on, so the user can write there).
 RUN useradd --create-home --uid 10001 --user-group tracker \
-    && mkdir /app && chown tracker:tracker /app
+    && mkdir /app /data && chown tracker:tracker /app /data
 WORKDIR /app
 USER 10001:10001
 

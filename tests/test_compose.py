@@ -24,7 +24,7 @@ from tracker.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-TRACKER_SERVICES = ("project", "worker")
+TRACKER_SERVICES = ("project", "worker", "api")
 TO_JSON = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
 
@@ -87,14 +87,14 @@ def test_docker_compose_accepts_the_file() -> None:
 def test_the_services() -> None:
     done = compose("config", "--services")
     assert done.returncode == 0, done.stderr
-    assert {"kafka", "redis", "project", "worker"} <= set(done.stdout.split())
+    assert {"kafka", "redis", "project", "worker", "api"} <= set(done.stdout.split())
 
 
 @pytest.mark.parametrize("name", TRACKER_SERVICES)
 def test_a_tracker_service_runs_a_tracker_command(name: str) -> None:
     """The image's entrypoint is ``tracker``, so a service's command is a tracker command:
     its words followed by ``--help`` exit 0. (``worker`` needs the ``tracker worker``
-    command.)"""
+    command, ``api`` the ``tracker serve`` command.)"""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["tracker"]' in dockerfile
     config = service(name)
@@ -109,6 +109,31 @@ def test_a_tracker_service_runs_a_tracker_command(name: str) -> None:
     command = words(config["command"])
     result = CliRunner().invoke(main, [*command, "--help"], env=environment)
     assert result.exit_code == 0, f"tracker {shlex.join(command)} --help: {result.output}"
+
+
+def mount(volume: str | dict[str, str]) -> tuple[str, str]:
+    """A service's volume as (target, source): docker-compose 1.29 writes ``SOURCE:TARGET:MODE``."""
+    if isinstance(volume, dict):
+        return volume["target"], volume["source"]
+    source, target, *_ = volume.split(":")
+    return target, source
+
+
+def test_the_api_keeps_its_tokens_in_a_volume_and_is_checked() -> None:
+    """The API's tokens file is on a named volume (so ``docker compose run --rm api tokens
+    create`` writes where the server reads), it listens on all interfaces on the published
+    port, and its healthcheck is valid Python asking ``/healthz``."""
+    config = service("api")
+    tokens = config["environment"]["TRACKER_API_TOKENS_FILE"]
+    mounts = dict(mount(volume) for volume in config["volumes"])
+    assert mounts[str(Path(tokens).parent)] in normalized_config()["volumes"]
+    assert words(config["command"])[:1] == ["serve"]
+    assert "0.0.0.0" in words(config["command"])
+    assert [(str(p["published"]), p["target"]) for p in config["ports"]] == [("8080", 8080)]
+    kind, python, flag, code = words(config["healthcheck"]["test"])
+    assert (kind, python, flag) == ("CMD", "python", "-c")
+    compile(code, "healthcheck", "exec")
+    assert "http://127.0.0.1:8080/healthz" in code
 
 
 def test_redis_keeps_the_projection() -> None:

@@ -24,7 +24,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 
-from tracker.api import ops, resets, sessions, status
+from tracker.api import ops, past, resets, sessions, status
 from tracker.api.auth import Auth
 from tracker.api.bodies import MAX_BODY
 from tracker.api.context import Api
@@ -96,7 +96,14 @@ def create_app(
         api.close()
 
     return Litestar(
-        route_handlers=[*sessions.ROUTES, *resets.ROUTES, *ops.ROUTES, *status.ROUTES, Metrics],
+        route_handlers=[
+            *sessions.ROUTES,
+            *past.ROUTES,
+            *resets.ROUTES,
+            *ops.ROUTES,
+            *status.ROUTES,
+            Metrics,
+        ],
         guards=[auth.guard],
         exception_handlers=HANDLERS,
         request_max_body_size=MAX_BODY,

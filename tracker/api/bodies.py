@@ -40,13 +40,13 @@ class PatchSession(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ResetOffset(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """``POST .../offsets/{consumer}/reset``: exactly one of ``to_offset`` and ``shift_by``."""
+    """``POST .../offsets/{consumer}/reset``: exactly one of ``to_offset``, ``shift_by`` and
+    ``to_time`` (an ISO 8601 time with a zone: the offset the consumer had then)."""
 
     reason: Reason
     to_offset: Offset | None = None
     shift_by: int | None = None
     to_time: str | None = None
-    """Not supported yet (it needs the log's history); given, it is refused with 422."""
     execute: bool = False
 
 

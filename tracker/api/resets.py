@@ -2,7 +2,9 @@
 
 The operator's tool for moving an offset back (a commit never does): by default it only
 answers with the plan; ``"execute": true`` applies it, recorded with the token's name as
-the actor and the given reason. Needs the ``admin`` scope.
+the actor and the given reason. Needs the ``admin`` scope. The target is one of
+``to_offset``, ``shift_by`` (from the current offset) and ``to_time`` (the offset the
+consumer had then, read from the log: kafka-consumer-groups' ``--to-datetime``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import msgspec
 from litestar import Request, Response, post
 
 from tracker.api.auth import grant_of
-from tracker.api.bodies import ResetOffset, body_operation, decode_body, problem
-from tracker.api.context import api_of, blocking
+from tracker.api.bodies import BodyError, ResetOffset, body_operation, decode_body, problem
+from tracker.api.context import Api, api_of, blocking
+from tracker.api.past import offset_at
 from tracker.api.views import position_headers, visible
 from tracker.results import ResetPlan
 
@@ -32,16 +35,21 @@ class ResetDTO(msgspec.Struct, frozen=True):
     reason: str
 
 
-def _target(body: ResetOffset, current: int | None) -> int:
+TARGETS = ("to_offset", "shift_by", "to_time")
+
+
+def _target(
+    api: Api, body: ResetOffset, session_id: str, consumer: str, current: int | None
+) -> int:
+    given = [name for name in TARGETS if getattr(body, name) is not None]
+    if len(given) != 1:
+        message = "give exactly one of to_offset, shift_by and to_time"
+        error = BodyError([])
+        for name in given or TARGETS:
+            error.also("value_error", ["body", name], message, getattr(body, name))
+        raise error
     if body.to_time is not None:
-        raise problem(
-            "value_error", ["body", "to_time"], "to_time is not supported yet", body.to_time
-        )
-    if (body.to_offset is None) == (body.shift_by is None):
-        message = "give exactly one of to_offset and shift_by"
-        raise problem("value_error", ["body", "to_offset"], message, body.to_offset).also(
-            "value_error", ["body", "shift_by"], message, body.shift_by
-        )
+        return offset_at(api, session_id, consumer, body.to_time)
     if body.to_offset is not None:
         return body.to_offset
     assert body.shift_by is not None
@@ -71,7 +79,8 @@ async def reset_offset(
     def run() -> tuple[ResetPlan, dict[str, str]]:
         tracker = api.tracker
         session = visible(api, grant, session_id)
-        target = _target(body, session.consumption_offsets.get(consumer))
+        current = session.consumption_offsets.get(consumer)
+        target = _target(api, body, session_id, consumer, current)
         if body.execute:
             plan = tracker.reset_offset(
                 session_id, consumer, target, reason=body.reason, actor=grant.name

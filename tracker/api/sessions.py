@@ -4,6 +4,7 @@ Scopes: ``read`` for GETs, ``write`` to create and patch, ``admin`` to delete an
 A token bound to a user sees and changes only that user's sessions: another user's is
 "not found" (404), a list for another user is empty, and creating one for another user is
 forbidden (403). Every response that shows a session carries ``X-Tracker-Position``.
+``GET /api/sessions/{id}?as_of=`` shows a session as it was then (:mod:`tracker.api.past`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tracker.api.auth import grant_of
 from tracker.api.bodies import CreateSession, PatchSession, body_operation, decode_body, problem
 from tracker.api.context import api_of, blocking
 from tracker.api.metrics import COMMITS
+from tracker.api.past import parse_as_of_query, past_session
 from tracker.api.views import (
     CURSOR_HEADER,
     page,
@@ -42,6 +44,14 @@ MinPosition = Annotated[
     Parameter(
         description="Wait (at most a few seconds) until this position (`P:O:I`, e.g. from "
         "X-Tracker-Position) is applied; else 503 with Retry-After"
+    ),
+]
+AsOf = Annotated[
+    str | None,
+    Parameter(
+        description="The session as it was at this time (ISO 8601 with a zone) or log position "
+        "(`P:O:I`, in the session's partition), folded from the log; 404 if it did not exist "
+        "then. Not with `min_position`"
     ),
 ]
 
@@ -84,16 +94,27 @@ async def get_session(
     session_id: str,
     consumers: Consumers = None,
     min_position: MinPosition = None,
+    as_of: AsOf = None,
 ) -> Response[SessionDTO]:
-    """One session; 404 if it is unknown, deleted, or another user's."""
+    """One session; 404 if it is unknown, deleted, or another user's (with `as_of`: if it
+    did not exist then, or was another user's)."""
     api, grant = api_of(request), grant_of(request)
-    if min_position is None:
+    if as_of is not None and min_position is not None:
+        message = "give at most one of as_of and min_position"
+        raise problem("value_error", ["query", "as_of"], message, as_of).also(
+            "value_error", ["query", "min_position"], message, min_position
+        )
+    if as_of is None and min_position is None:
         # one pipelined Redis read, run on the event loop: the hop to a worker thread and
         # back cost more than the round trip itself (see benchmarks/bench_api.py)
         session, headers = visible_with_position(api, grant, session_id)
     else:
+        point = parse_as_of_query(as_of) if as_of is not None else None
 
         def run() -> tuple[SessionDTO, dict[str, str]]:
+            if as_of is not None and point is not None:  # point is parsed from as_of
+                past = past_session(api, grant, session_id, point, as_of)
+                return past, position_headers(api, [session_id])
             wait_min_position(api, min_position)
             return visible_with_position(api, grant, session_id)
 
