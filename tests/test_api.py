@@ -74,13 +74,14 @@ class Server:
 
 
 def start_server(
-    tmp: Path, redis_url: str, prefix: str, tokens: Path, *extra: str
+    tmp: Path, redis_url: str, prefix: str, tokens: Path, *extra: str, **env: str
 ) -> tuple[str, subprocess.Popen[bytes], Path]:
-    """``python -m tracker serve`` on a free port, once ``/healthz`` answers."""
+    """``python -m tracker serve`` on a free port, once ``/healthz`` answers; ``env`` is
+    added to :func:`server_env`'s."""
     port = free_port()
     log = tmp / f"serve-{port}.log"
     command = [sys.executable, "-m", "tracker", "serve", "--port", str(port), *extra]
-    with_env = server_env(tmp / "data", redis_url, prefix, tokens)
+    with_env = {**server_env(tmp / "data", redis_url, prefix, tokens), **env}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, env=with_env, stdin=subprocess.DEVNULL, stdout=out,

@@ -9,7 +9,9 @@ the same log and Redis. Settings come from ``TRACKER_*`` as for the CLI, plus:
 * ``TRACKER_API_WAIT``: seconds a read with ``?min_position=`` waits (default 5);
 * ``TRACKER_API_DLQ``: where the status page reads dead letters (``dir:PATH``,
   ``kafka:TOPIC``, comma-separated; see :mod:`tracker.api.deadletters`);
-* ``TRACKER_API_LAG_SAMPLE``: seconds between the status page's lag samples (default 5).
+* ``TRACKER_API_LAG_SAMPLE``: seconds between the status page's lag samples (default 5);
+* ``TRACKER_API_FASTPATH=0``: no fast path for ``GET /api/sessions/{id}``
+  (:mod:`tracker.api.fastpath`; ``create_server`` is the factory ``tracker serve`` uses).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 
-from tracker.api import ops, past, resets, sessions, status
+from tracker.api import fastpath, ops, past, resets, sessions, status
 from tracker.api.auth import Auth
 from tracker.api.bodies import MAX_BODY
 from tracker.api.context import Api
@@ -119,3 +121,11 @@ def create_app(
             render_plugins=[ScalarRenderPlugin(path="/"), SwaggerRenderPlugin(path="/swagger")],
         ),
     )
+
+
+def create_server(env: Mapping[str, str] | None = None) -> fastpath.FastPath | Litestar:
+    """uvicorn's factory for ``tracker serve``: :func:`create_app` behind the fast path for
+    ``GET /api/sessions/{id}`` (:mod:`tracker.api.fastpath`) unless ``TRACKER_API_FASTPATH=0``."""
+    env = os.environ if env is None else env
+    app = create_app(env=env)
+    return fastpath.wrap(app, env)

@@ -11,7 +11,7 @@ from tracker.cli.output import Cli, pass_cli
 from tracker.settings import ENV
 from tracker.tokens import token_file_path
 
-APP = "tracker.api.app:create_app"
+APP = "tracker.api.app:create_server"
 """uvicorn's factory: each worker process builds its own app (and opens its own Tracker)."""
 
 
