@@ -148,7 +148,13 @@ def test_fast_path_takes_only_the_plain_request(both: tuple[Both, Settings, Path
         async def receive() -> Any:
             return {"type": "http.request", "body": b""}
 
-        asyncio.run(fast(scope, receive, send))
+        async def once() -> None:
+            try:
+                await fast(scope, receive, send)
+            finally:  # a loop per request here: close its Redis client with it
+                await fast.close()
+
+        asyncio.run(once())
         return sent
 
     try:

@@ -160,6 +160,9 @@ class Tracker(Commands):
         if url is None:
             self._embedded = EmbeddedRedis(self.settings.data_dir / "redis")
             url = self._embedded.start()
+        self.redis_url = url
+        """The Redis this tracker uses (the embedded server's socket if none is configured),
+        for a caller that needs a client of its own, e.g. an asyncio one."""
         client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
         try:
             client.ping()
@@ -226,6 +229,11 @@ class Tracker(Commands):
     def store(self) -> SnapshotStore:
         self._check_projection()
         return self.generations.store
+
+    @property
+    def projection_problem(self) -> str | None:
+        """Why the projection in Redis cannot be used (another log's, or a cut one's), if so."""
+        return self._foreign
 
     def _check_projection(self) -> None:
         """Refuse to use a projection of another log (or of a cut one) until a replay."""
