@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from tests.conftest import delete_prefix, prefix_for
-from tests.services import free_port, stop_process
+from tests.services import free_port, pid_alive, stop_process
 from tracker.tokens import Scope, TokenFile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,3 +417,37 @@ def test_serve_refuses_without_tokens_and_warns_when_insecure(
     text = log.read_text()
     assert "warning: --insecure" in text
     assert "GET /api/sessions/" not in text, "no access log by default"
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_serve_with_two_workers(tmp_path: Path, redis_url: str, prefix: str) -> None:
+    """``--workers 2``: two server processes on one log and one Redis; what one creates
+    the other reads (read-your-writes through X-Tracker-Position)."""
+    url, process, _ = start_server(
+        tmp_path, redis_url, prefix, tmp_path / "none.json", "--insecure", "--workers", "2"
+    )
+    try:
+        workers = [pid for pid in children(process.pid) if pid_alive(pid)]
+        made = httpx.post(f"{url}/api/sessions", json={"agent_id": AGENT, "user_id": USER})
+        assert made.status_code == 201, made.text
+        sid, position = made.json()["id"], made.headers["X-Tracker-Position"]
+        for n in range(40):
+            with httpx.Client(base_url=url) as fresh:  # new connections spread over workers
+                read = fresh.get(f"/api/sessions/{sid}", params={"min_position": position})
+                assert read.status_code == 200, (n, read.text)
+                assert read.json()["id"] == sid
+    finally:
+        stop_process(process)
+    assert len(workers) >= 2, f"expected two worker processes under {process.pid}: {workers}"
