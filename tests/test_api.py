@@ -451,3 +451,16 @@ def test_serve_with_two_workers(tmp_path: Path, redis_url: str, prefix: str) -> 
     finally:
         stop_process(process)
     assert len(workers) >= 2, f"expected two worker processes under {process.pid}: {workers}"
+
+
+def test_a_deeply_nested_body_is_422_not_500(server: Server) -> None:
+    """A depth bomb made msgspec raise RecursionError: once a 500, now flux0's 422."""
+    nested = b'{"agent_id": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    with server.client("admin") as admin:
+        sid = create(admin, user_id=USER)["id"]
+        for method, path in (("POST", "/api/sessions"), ("PATCH", f"/api/sessions/{sid}")):
+            answer = admin.request(method, path, content=nested)
+            assert answer.status_code == 422, (method, answer.text[:300])
+            (problem,) = answer.json()["detail"]
+            assert problem["loc"][0] == "body" and problem["msg"], problem
+            assert answer.headers["content-type"].startswith("application/json")

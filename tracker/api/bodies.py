@@ -112,13 +112,19 @@ def decode_body(body: bytes, kind: type[T]) -> T:
             kind_name = "extra_forbidden"
         else:
             kind_name = "value_error"
-        raw = msgspec.json.decode(body)
+        try:
+            raw = msgspec.json.decode(body)
+        except RecursionError:  # the value that failed is nested too deeply to show
+            raw = None
         raise BodyError(
             [{"type": kind_name, "loc": loc, "msg": message, "input": _value_at(raw, loc)}]
         ) from None
     except msgspec.DecodeError as exc:
         text = body[:200].decode(errors="replace")
         raise problem("json_invalid", ["body"], str(exc), text) from None
+    except RecursionError:  # msgspec's answer to nesting deeper than the interpreter allows
+        text = body[:200].decode(errors="replace")
+        raise problem("json_invalid", ["body"], "JSON is nested too deeply", text) from None
 
 
 # -- OpenAPI ---------------------------------------------------------------------------
