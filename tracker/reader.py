@@ -108,7 +108,7 @@ class Reader:
             store = self._store()
             partition = partition_for(session_id, store.keys.partitions)
             state, generation, token = store.get_one_with_checkpoint(partition, session_id)
-            if generation == str(store.keys.generation) and token != RETIRED:
+            if store.is_current(generation, token):
                 break
             self._rebound()
         if state is None:

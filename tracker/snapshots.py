@@ -359,12 +359,29 @@ class SnapshotStore:
         """
         self.calls += 1
         pipe = self.client.pipeline(transaction=False)
+        self.queue_one_with_checkpoint(pipe, partition, session_id)
+        return self.one_with_checkpoint(session_id, pipe.execute())
+
+    def queue_one_with_checkpoint(self, pipe: Any, partition: int, session_id: str) -> None:
+        """Queue :meth:`get_one_with_checkpoint`'s reads on a pipeline, sync or asyncio
+        (redis-py's share the command methods), for :meth:`one_with_checkpoint`."""
         pipe.hgetall(self.keys.session(partition, session_id))
         pipe.hget(Keys.meta(self.keys.prefix), "generation")
         pipe.get(self.keys.checkpoint(partition))
-        values, generation, checkpoint = pipe.execute()
+
+    def one_with_checkpoint(
+        self, session_id: str, replies: Sequence[Any]
+    ) -> tuple[SessionState | None, str | None, str]:
+        """The replies of :meth:`queue_one_with_checkpoint`'s reads, as
+        :meth:`get_one_with_checkpoint` returns them."""
+        values, generation, checkpoint = replies
         state = state_from_hash(session_id, cast(dict[str, str], values))
         return state, generation, str(checkpoint) if checkpoint else ""
+
+    def is_current(self, generation: str | None, token: str) -> bool:
+        """Whether a read that saw ``generation`` and checkpoint ``token`` read this store's
+        generation while it was active (else the reader must rebind)."""
+        return generation == str(self.keys.generation) and token != RETIRED
 
     @redis_boundary("reading sessions")
     def get_many(self, items: Sequence[tuple[int, str]]) -> list[SessionState | None]:

@@ -35,9 +35,9 @@ from tracker.api.errors import NOT_FOUND
 from tracker.api.metrics import PROMETHEUS
 from tracker.api.views import POSITION_HEADER, shown
 from tracker.events import Position
-from tracker.keys import Keys, partition_for
+from tracker.keys import partition_for
 from tracker.model import SessionDTO, SessionId, checked
-from tracker.snapshots import RETIRED, applied_of, state_from_hash
+from tracker.snapshots import applied_of
 from tracker.tokens import grants
 
 Message = dict[str, Any]
@@ -166,19 +166,16 @@ class FastPath:
                 tracker.redis_url, decode_responses=True, socket_connect_timeout=5
             )
             self._loop = loop
-        keys = tracker.store.keys
-        partition = partition_for(session_id, keys.partitions)
+        store = tracker.store
+        partition = partition_for(session_id, store.keys.partitions)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(keys.session(partition, session_id))
-        pipe.hget(Keys.meta(keys.prefix), "generation")
-        pipe.get(keys.checkpoint(partition))
-        values, generation, checkpoint = await pipe.execute()
-        if generation != str(keys.generation) or checkpoint == RETIRED:
+        store.queue_one_with_checkpoint(pipe, partition, session_id)
+        state, generation, token = store.one_with_checkpoint(session_id, await pipe.execute())
+        if not store.is_current(generation, token):
             return None
-        state = state_from_hash(session_id, values)
         if state is None:
             checked(session_id, SessionId, "session_id")  # a bad id: Litestar's 422
-        return (state.to_dto() if state is not None else None), applied_of(checkpoint or "")
+        return (state.to_dto() if state is not None else None), applied_of(token)
 
     async def close(self) -> None:
         if self._redis is not None:
