@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 
+from tests.apiserver import AGENT, OTHER, USER, start_server
 from tests.conftest import delete_prefix, prefix_for
 from tests.services import stop_process
-from tests.test_api import AGENT, OTHER, USER, start_server
 from tracker.api.auth import Auth
 from tracker.api.context import Api
 from tracker.api.fastpath import FastPath

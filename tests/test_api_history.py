@@ -21,21 +21,17 @@ import msgspec
 import pytest
 import redis
 
-from tests.conftest import delete_prefix, prefix_for
-from tests.services import stop_process
-from tests.test_api import (
+from tests.apiserver import (
     AGENT,
-    GRANTS,
     OTHER,
     USER,
     Server,
     create,
+    served,
     server_env,
-    start_server,
     validate,
 )
 from tracker import Position, Settings, Tracker
-from tracker.tokens import TokenFile
 
 NOT_FOUND = {"detail": "Session not found"}
 
@@ -46,19 +42,8 @@ def server(
 ) -> Iterator[Server]:
     """A server of this module's own (its own data dir and key prefix)."""
     tmp = tmp_path_factory.mktemp("api-history")
-    prefix = prefix_for(f"{__name__}::server", "api-history")
-    delete_prefix(redis_client, prefix)
-    tokens_path = tmp / "tokens.json"
-    tokens = TokenFile(tokens_path)
-    secrets = {}
-    for name, (scope, user) in GRANTS.items():
-        secrets[name], _ = tokens.create(scope, user_id=user, name=name)
-    url, process, log = start_server(tmp, redis_url, prefix, tokens_path)
-    try:
-        yield Server(url, process, log, tmp / "data", redis_url, prefix, secrets)
-    finally:
-        stop_process(process)
-        delete_prefix(redis_client, prefix)
+    with served(tmp, redis_url, redis_client, "api-history") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ behind the server's back, so the page has a lag to show.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,9 +23,9 @@ from playwright.sync_api import Dialog, Page, sync_playwright
 from consumers.filestream import FileStream, append_messages, open_stream_log
 from consumers.kafkastream import KafkaStream, ensure_topic
 from consumers.streams import DeadLetter
+from tests.apiserver import AGENT, OTHER, USER, start_server
 from tests.conftest import delete_prefix, prefix_for
-from tests.services import free_port, stop_process
-from tests.test_api import server_env
+from tests.services import stop_process
 from tracker.api.deadletters import parse_sources, recent
 from tracker.errors import ConfigError
 from tracker.events import OffsetCommitted, new_event_ids, utcnow
@@ -37,7 +35,6 @@ from tracker.tokens import TokenFile
 from tracker.writer import Writer
 
 CHROMIUM = Path("/usr/bin/chromium")
-USER, OTHER, AGENT = "userAAAAAA", "userBBBBBB", "agentAAAAA"
 SCRIPT = "<script>alert(1)</script>"
 TITLE = "<b>not bold</b> & co"
 BEHIND = 3
@@ -79,30 +76,6 @@ def write_dead_letters(stream: Path) -> None:
         source.close()
 
 
-def serve(tmp: Path, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
-    """``python -m tracker serve`` on a free port, once ``/healthz`` answers."""
-    port = free_port()
-    log = tmp / "serve.log"
-    command = [sys.executable, "-m", "tracker", "serve", "--port", str(port)]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process)
-            raise RuntimeError(f"tracker serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def site(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
@@ -117,9 +90,10 @@ def site(
     secrets["write"], _ = tokens.create("write", name="write")
     secrets["user-read"], _ = tokens.create("read", user_id=USER, name="user-read")
     write_dead_letters(tmp / "stream")
-    env = server_env(tmp / "data", redis_url, prefix, tokens_path)
-    env.update(TRACKER_API_DLQ=f"dir:{tmp / 'stream' / 'dlq'}", TRACKER_API_LAG_SAMPLE="0.2")
-    url, process = serve(tmp, env)
+    url, process, _ = start_server(
+        tmp, redis_url, prefix, tokens_path,
+        TRACKER_API_DLQ=f"dir:{tmp / 'stream' / 'dlq'}", TRACKER_API_LAG_SAMPLE="0.2",
+    )  # fmt: skip
     try:
         with httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {secrets['write']}"}, timeout=30
