@@ -315,3 +315,27 @@ def kafka_container() -> Iterator[str]:
 
     with KafkaContainer("confluentinc/cp-kafka:7.6.0") as container:
         yield str(container.get_bootstrap_server())
+
+
+@contextlib.contextmanager
+def lock_held(path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process holding an exclusive ``flock`` on ``path`` (a log's ``LOCK``) until
+    the block ends, or until the caller stops it earlier with :func:`stop_process`."""
+    code = (
+        "import fcntl, sys\n"
+        f"fd = open({str(path)!r}, 'a')\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        yield holder
+    finally:
+        stop_process(holder)
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from consumers.filestream import FileStream, append_messages, open_stream_log
 from consumers.generate import session_ids, synthetic_messages
 from consumers.messages import StreamRecord, Undecodable, decode_message, decode_record
 from consumers.messages import encode_record as encode_stream_record
-from tests.services import stop_process
+from tests.services import lock_held, stop_process
 from tracker import Settings, Tracker
 from tracker.errors import InvalidInputError, LogLockedError
 from tracker.logs.file import FileLog
@@ -243,25 +242,9 @@ def test_positions_are_not_committed_when_the_log_refuses(
         worker = Worker(source, tracker, "notifier", flush_ms=10_000, report_every=0)
         for chunk in source.poll(1.0):
             worker._handle_chunk(chunk)
-        holder = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(f"""
-                import fcntl, sys, time
-                fd = open({str(tmp_path / "data" / "log" / "LOCK")!r}, "a")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                print("locked", flush=True)
-                sys.stdin.read()
-            """)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with lock_held(tmp_path / "data" / "log" / "LOCK"):
             worker.flush()
             assert not (stream / "consumers" / "notifier.json").exists()
-        finally:
-            stop_process(holder)
-            for pipe in (holder.stdin, holder.stdout):
-                if pipe is not None:
-                    pipe.close()
         worker.flush()
         assert json.loads((stream / "consumers" / "notifier.json").read_text())["next"] == 100
         wait_until(lambda: offsets_in(tracker, "notifier", 10) == heads(100, 10), "the offsets")

@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 from consumers import Message, Worker
 from consumers.filestream import FileStream
 from consumers.messages import StreamRecord, Undecodable, decode_message, input_message
-from tests.services import stop_process
+from tests.services import lock_held, stop_process
 from tests.test_workers import (
     TRACKER,
     append_raw,
@@ -384,18 +382,7 @@ def test_the_final_flush_retries_while_the_log_is_busy(
         worker = Worker(source, tracker, "c", flush_ms=60_000, report_every=0)
         for chunk in source.poll(1.0):
             worker._handle_chunk(chunk)
-        holder = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(f"""
-                import fcntl, sys
-                fd = open({str(tmp_path / "data" / "log" / "LOCK")!r}, "a")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                print("locked", flush=True)
-                sys.stdin.read()
-            """)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with lock_held(tmp_path / "data" / "log" / "LOCK") as holder:
             worker.stop()
             with caplog.at_level(logging.WARNING, logger="consumers.worker"):
                 thread = threading.Thread(target=worker.run)
@@ -403,10 +390,5 @@ def test_the_final_flush_retries_while_the_log_is_busy(
                 wait_until(lambda: "flush failed" in caplog.text, "a failed flush")
                 stop_process(holder)
                 thread.join(timeout=60)
-        finally:
-            stop_process(holder)
-            for pipe in (holder.stdin, holder.stdout):
-                if pipe is not None:
-                    pipe.close()
         source.close()
         assert json.loads((stream / "consumers" / "c.json").read_text())["next"] == 100
