@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 import redis
 
 from tracker.embedded import redis_server_binary
+from tracker.service import Tracker
+from tracker.settings import Settings
 
 Ready = Callable[[int], bool]
 
@@ -339,3 +342,19 @@ def lock_held(path: Path) -> Iterator[subprocess.Popen[bytes]]:
         for pipe in (holder.stdin, holder.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+@contextlib.contextmanager
+def projecting(settings: Settings) -> Iterator[Tracker]:
+    """A ``tracker project`` in a thread of this process (on Kafka, the projectors' group
+    still decides which partitions it applies); its tracker."""
+    tracker = Tracker(settings, catch_up=False)
+    tailer = tracker.tailer()
+    thread = threading.Thread(target=tailer.run, daemon=True)
+    thread.start()
+    try:
+        yield tracker
+    finally:
+        tailer.stop.set()
+        thread.join(30)
+        tracker.close()

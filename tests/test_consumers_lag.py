@@ -28,7 +28,7 @@ from consumers.kafkastream import KafkaStream, produce_messages
 from consumers.lag import StreamScan, lag_report
 from consumers.streams import Stream
 from consumers.worker import Worker
-from tests.services import stop_process
+from tests.services import projecting, stop_process
 from tests.test_cli import Cli, describe, one_line_error
 from tracker import Settings, Tracker
 from tracker.keys import partition_for
@@ -341,17 +341,8 @@ def stream_topic(kafka_bootstrap: str, kafka_topic: str) -> Iterator[str]:
 
 @pytest.fixture
 def projector(settings: Settings) -> Iterator[Tracker]:
-    """A ``tracker project`` in a thread of this process."""
-    tracker = Tracker(settings, catch_up=False)
-    tailer = tracker.tailer()
-    thread = threading.Thread(target=tailer.run, daemon=True)
-    thread.start()
-    try:
+    with projecting(settings) as tracker:
         yield tracker
-    finally:
-        tailer.stop.set()
-        thread.join(30)
-        tracker.close()
 
 
 def kafka_stream(settings: Settings, topic: str, consumer: str) -> KafkaStream:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PrivateRedis
-from tests.services import free_port, stop_process
+from tests.services import free_port, projecting, stop_process
 from tracker import NotYetVisibleError, Settings, Tracker
 from tracker.fold import fold_all, visible
 
@@ -50,17 +49,8 @@ def env_of(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 def projector(settings: Settings) -> Iterator[Tracker]:
-    """A ``tracker project`` in a thread of this process (the group still decides)."""
-    tracker = Tracker(settings, catch_up=False)
-    tailer = tracker.tailer()
-    thread = threading.Thread(target=tailer.run, daemon=True)
-    thread.start()
-    try:
+    with projecting(settings) as tracker:
         yield tracker
-    finally:
-        tailer.stop.set()
-        thread.join(30)
-        tracker.close()
 
 
 def test_commands_wait_for_the_projector(settings: Settings, projector: Tracker) -> None:
