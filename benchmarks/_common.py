@@ -122,6 +122,20 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
+def distribution(values: Sequence[float], digits: int = 1) -> dict[str, float]:
+    """p50, p90, p99, max and mean of ``values`` (any order), rounded; ``{}`` for none."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    return {
+        "p50": round(percentile(ordered, 0.50), digits),
+        "p90": round(percentile(ordered, 0.90), digits),
+        "p99": round(percentile(ordered, 0.99), digits),
+        "max": round(ordered[-1], digits),
+        "mean": round(sum(ordered) / len(ordered), digits),
+    }
+
+
 def profiled(fn: Callable[[], object], top: int) -> str:
     """Run ``fn`` once under cProfile; the top ``top`` functions by own and cumulative time."""
     profiler = cProfile.Profile()

@@ -74,6 +74,7 @@ from benchmarks._common import (
     chunks,
     cli_env,
     commit_events,
+    distribution,
     emit,
     kafka_client_versions,
     log,
@@ -376,21 +377,9 @@ def delays(
         "offered_calls_per_s": round(calls / window, 1) if window else 0.0,
         "never_seen": unseen,
         "seen_before_ack": early,
-        "delay_ms": summary(out),
-        "call_ms": summary(call_ms),
-        "start_late_ms": summary(late),
-    }
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    return {
-        "p50": round(percentile(values, 0.50), 2),
-        "p90": round(percentile(values, 0.90), 2),
-        "p99": round(percentile(values, 0.99), 2),
-        "max": round(values[-1], 2),
-        "mean": round(sum(values) / len(values), 2),
+        "delay_ms": distribution(out, 2),
+        "call_ms": distribution(call_ms, 2),
+        "start_late_ms": distribution(late, 2),
     }
 
 
@@ -557,7 +546,7 @@ def run(
     log(
         f"tracker: {tracker_result['calls']} calls ({tracker_result['offered_calls_per_s']}/s), "
         f"delay p50 {d.get('p50')} ms, p99 {d.get('p99')} ms, max {d.get('max')} ms; "
-        f"checkpoint interval p50 {percentile(intervals, 0.5):.1f} ms"
+        f"checkpoint interval p50 {percentile(sorted(intervals), 0.5):.1f} ms"
     )
 
     raw_topic = f"bench.delay.raw.{uuid.uuid4().hex[:8]}"
@@ -623,7 +612,7 @@ def run(
         "tracker": {
             **tracker_result,
             "offered_events_per_s": round(tracker_result["offered_calls_per_s"] * args.per_call),
-            "checkpoint_interval_ms": summary(intervals),
+            "checkpoint_interval_ms": distribution(intervals, 2),
             "longest_stalls": stalls,
             "longest_stalls_are": "the longest spans of the measured window in which no "
             "partition's checkpoint moved; from_s: seconds after tracker project started",

@@ -61,12 +61,12 @@ from benchmarks._common import (
     TansuBroker,
     busy_between,
     cli_env,
+    distribution,
     emit,
     kafka_client_versions,
     log,
     machine_busy_ticks,
     parser,
-    percentile,
     process_cpu_seconds,
     redis_server,
     stop_process,
@@ -338,19 +338,6 @@ class OffsetPoller(threading.Thread):
         return all(self.seen(consumer, s, offset) is not None for s, offset in heads.items())
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    values = sorted(values)
-    return {
-        "p50": round(percentile(values, 0.50), 1),
-        "p90": round(percentile(values, 0.90), 1),
-        "p99": round(percentile(values, 0.99), 1),
-        "max": round(values[-1], 1),
-        "mean": round(sum(values) / len(values), 1),
-    }
-
-
 def delays(
     load: dict[str, Any],
     config: dict[str, Any],
@@ -390,10 +377,10 @@ def delays(
         "offered_msgs_per_s": round((len(from_ack) + unseen) / window, 1) if window else 0.0,
         "never_seen": unseen,
         "seen_before_ack": early,
-        "delay_ms": summary(from_ack),
-        "delay_from_send_ms": summary(from_send),
-        "tick_call_ms": summary(call_ms),
-        "start_late_ms": summary(late),
+        "delay_ms": distribution(from_ack),
+        "delay_from_send_ms": distribution(from_send),
+        "tick_call_ms": distribution(call_ms),
+        "start_late_ms": distribution(late),
     }
 
 
