@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from consumers.handlers import Attempts, Handler, Interrupted, acknowledge
 from consumers.messages import Undecodable, decode_message, message_ids
@@ -232,7 +232,6 @@ class Worker:
             return
         stream, stopping, attempts = self.stream, self._stopping, self._attempts
         partition, epoch = chunk.partition, chunk.epoch
-        acknowledge_only = self._acknowledge_only
         with self._state:
             pending, letters = self._pending, self._letters
             handled = 0
@@ -247,7 +246,7 @@ class Worker:
                 else:
                     session_id, offset = message.session_id, message.offset  # as read
                     try:
-                        failed = None if acknowledge_only else attempts.run(message, stopping)
+                        failed = attempts.run(message, stopping)
                     except Interrupted:
                         break
                     if failed is None:
@@ -411,7 +410,3 @@ class Worker:
     def _say(self, line: str) -> None:
         if self._report is not None:
             self._report(line)
-
-    def status(self) -> dict[str, Any]:
-        stats = self.stats
-        return {name: getattr(stats, name) for name in Stats.__slots__}
