@@ -236,18 +236,11 @@ class KafkaStream:
 
     def _ensure_dlq_topic(self) -> None:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="tracker-dlq")
-        except kafka_errors.KafkaError as exc:
-            raise LogUnavailableError(f"Kafka at {self.bootstrap}: {exc}") from exc
-        try:
-            from kafka.admin import NewTopic
-
-            with contextlib.suppress(kafka_errors.TopicAlreadyExistsError):
-                admin.create_topics([NewTopic(self.dlq_topic, 1, -1)])
-        except kafka_errors.KafkaError as exc:
+            ensure_topic(self.bootstrap, self.dlq_topic, 1, timeout=self.timeout)
+        except LogError as exc:
+            if exc.retriable:
+                raise
             log.warning("cannot create the dead-letter topic %s: %s", self.dlq_topic, exc)
-        finally:
-            admin.close()
 
     def dead_letter(self, letters: Sequence[DeadLetter], consumer: str) -> None:
         if not letters:
