@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test faults lint typecheck unit bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# The fault-injection suite (docs/reliability.md): real processes killed, stalled, starved.
+faults: $(STAMP)
+	rm -f .faults/report.jsonl
+	$(BIN)/pytest -m faults tests/faults
+	$(BIN)/python -m tests.faults.report
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
-	rm -rf $(VENV) .tracker .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tracker .faults .pytest_cache .mypy_cache .ruff_cache
