@@ -24,14 +24,17 @@ import pytest
 import redis
 
 from tests.services import (
+    LocalCluster,
     docker_answers,
     kafka_container,
     redis_container,
+    spawned_cluster,
     spawned_redis,
     spawned_tansu,
     start_redis,
     stop_process,
 )
+from tracker.connection import Client
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 PREFIX_MAX = 32
@@ -44,7 +47,7 @@ def prefix_for(nodeid: str, name: str) -> str:
     return f"{head}-{digest}"
 
 
-def delete_prefix(client: redis.Redis, prefix: str) -> int:
+def delete_prefix(client: Client, prefix: str) -> int:
     """Unlink every key under ``<prefix>:``; returns how many."""
     removed = 0
     batch: list[str] = []
@@ -148,6 +151,14 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
             yield private
         finally:
             stop_process(private.process)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of the test module's own (3 masters, a replica each; about 3 s to
+    start): tests may fail nodes over and kill them. Each test uses its own prefix."""
+    with spawned_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 # -- Kafka -----------------------------------------------------------------------------

@@ -358,3 +358,231 @@ def projecting(settings: Settings) -> Iterator[Tracker]:
         tailer.stop.set()
         thread.join(30)
         tracker.close()
+
+
+# -- Redis Cluster ---------------------------------------------------------------------
+# Six cluster-enabled redis-servers (three masters, a replica each) on free loopback ports,
+# joined by `redis-cli --cluster create`, each stopped by its PID.
+
+
+class ClusterNodeProcess:
+    """One node of a :class:`LocalCluster`: its port, directory (``nodes.conf``) and process."""
+
+    def __init__(self, port: int, workdir: Path, process: subprocess.Popen[bytes]) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.process = process
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=timeout
+        )
+
+
+class LocalCluster:
+    """A Redis Cluster of local processes: find masters and replicas, fail over, kill, restart."""
+
+    def __init__(self, nodes: list[ClusterNodeProcess], argv: Sequence[str]) -> None:
+        self.nodes = nodes
+        self._argv = list(argv)
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` with three of the nodes as startup nodes."""
+        return "redis+cluster://" + ",".join(n.address for n in self.nodes[:3]) + "/0"
+
+    def node(self, port: int) -> ClusterNodeProcess:
+        return next(n for n in self.nodes if n.port == port)
+
+    def alive(self) -> list[ClusterNodeProcess]:
+        return [n for n in self.nodes if n.process.poll() is None]
+
+    def topology(self) -> dict[int, tuple[str, int | None, list[tuple[int, int]]]]:
+        """Per live node port, as the first live node sees it: (role, master port, slot
+        ranges). Nodes it sees as failed are left out."""
+        with self.alive()[0].client() as client:
+            lines = str(client.execute_command("CLUSTER", "NODES"))
+        by_id: dict[str, int] = {}
+        rows = []
+        for line in lines.splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            by_id[fields[0]] = port
+            rows.append((port, fields))
+        view: dict[int, tuple[str, int | None, list[tuple[int, int]]]] = {}
+        for port, fields in rows:
+            flags = fields[2].split(",")
+            if "fail" in flags or "fail?" in flags or "noaddr" in flags:
+                continue
+            role = "master" if "master" in flags else "replica"
+            master = by_id.get(fields[3]) if fields[3] != "-" else None
+            ranges = []
+            for part in fields[8:]:
+                if part.startswith("["):
+                    continue  # a slot being migrated
+                low, _, high = part.partition("-")
+                ranges.append((int(low), int(high or low)))
+            view[port] = (role, master, ranges)
+        return view
+
+    def masters(self) -> list[int]:
+        """The ports of the masters that serve slots."""
+        return sorted(p for p, (role, _, ranges) in self.topology().items() if ranges)
+
+    def replica_of(self, master: int, timeout: float = 15.0) -> int:
+        """A live replica of ``master`` (polled: a node may briefly look failing under load)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [p for p, (_, m, _) in self.topology().items() if m == master]
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise LookupError(f"{master} has no live replica")
+            time.sleep(0.05)
+
+    def master_of_slot(self, slot: int) -> int:
+        for port, (role, _, ranges) in self.topology().items():
+            if role == "master" and any(low <= slot <= high for low, high in ranges):
+                return port
+        raise LookupError(f"no master serves slot {slot}")
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every live node reports ``cluster_state:ok`` and the same live masters
+        serving every slot, and every replica is in sync with its master: the cluster has
+        settled (a killed master was replaced)."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            try:
+                views = []
+                for node in self.alive():
+                    with node.client() as client:
+                        info = str(client.execute_command("CLUSTER", "INFO"))
+                        replication = client.info("replication")
+                    if "cluster_state:ok" not in info:
+                        raise RuntimeError(f"{node.address}: not ok")
+                    if replication["role"] != "master" and (
+                        replication.get("master_link_status") != "up"
+                        or replication.get("master_sync_in_progress")
+                    ):
+                        raise RuntimeError(f"{node.address}: a replica not in sync yet")
+                    views.append(self._masters_seen(node))
+                alive = {node.port for node in self.alive()}
+                if (
+                    all(view == views[0] for view in views)
+                    and {port for port, _ in views[0]} <= alive
+                ):
+                    return
+                last = f"nodes disagree on the masters: {views}"
+            except (redis.RedisError, RuntimeError) as error:
+                last = str(error)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cluster did not settle within {timeout} s: {last}")
+            time.sleep(0.05)
+
+    def _masters_seen(self, node: ClusterNodeProcess) -> list[tuple[int, int]]:
+        """``(master port, slots)`` as ``node`` sees them, failed nodes left out."""
+        with node.client() as client:
+            slots = client.execute_command("CLUSTER", "SLOTS")
+        return sorted((int(row[2][1]), int(row[1]) - int(row[0]) + 1) for row in slots)
+
+    def failover(self, replica: int, timeout: float = 30.0) -> None:
+        """``CLUSTER FAILOVER`` on a replica (a coordinated switch, no write lost); waits
+        until it is the master and every node agrees."""
+        with self.node(replica).client() as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + timeout
+        while replica not in self.masters():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{replica} did not become a master within {timeout} s")
+            time.sleep(0.05)
+        self.wait_ok(timeout)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node (by PID) and reap it."""
+        node = self.node(port)
+        if node.process.poll() is None:
+            os.kill(node.process.pid, signal.SIGKILL)
+            node.process.wait()
+
+    def restart(self, port: int, timeout: float = 15.0) -> None:
+        """Start a killed node again on its port and ``nodes.conf``: it rejoins (as a
+        replica, if its master role was taken over meanwhile)."""
+        node = self.node(port)
+        command = [part.replace("{port}", str(port)) for part in self._argv]
+        command[command.index("--dir") + 1] = str(node.workdir)
+        node.process = start_logged(command, node.workdir / "redis-server.log", mode="ab")
+        deadline = time.monotonic() + timeout
+        while not redis_pings(port):
+            if node.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"cluster node {port} did not restart:\n"
+                    + (node.workdir / "redis-server.log").read_text(errors="replace")[-2000:]
+                )
+            time.sleep(0.02)
+        while self.topology().get(port, ("", None, []))[0] != "replica" and port not in (
+            self.masters()
+        ):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster node {port} did not rejoin within {timeout} s")
+            time.sleep(0.05)
+        self.wait_ok(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node.process.pid, signal.SIGCONT)  # a paused node would not stop
+            stop_process(node.process)
+
+
+@contextlib.contextmanager
+def spawned_cluster(
+    workdir: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+) -> Iterator[LocalCluster]:
+    """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, no persistence.
+
+    A small ``cluster-node-timeout`` makes a killed master's replica take over within
+    seconds; ``cluster-replica-validity-factor 0`` lets a replica take over however long
+    its link was down (a test may pause it first).
+    """
+    extra = [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", str(node_timeout_ms),
+        "--cluster-replica-validity-factor", "0",
+        "--repl-diskless-sync-delay", "0",
+    ]  # fmt: skip
+    argv = redis_argv(workdir, extra)
+    cluster = LocalCluster([], argv)
+    with contextlib.ExitStack() as stack:
+        stack.callback(cluster.stop)
+        for number in range(masters * (1 + replicas)):
+            node_dir = workdir / f"node{number}"
+            node_dir.mkdir(parents=True)
+            node_argv = list(argv)
+            node_argv[node_argv.index("--dir") + 1] = str(node_dir)
+            port, process = stack.enter_context(
+                spawned(node_argv, redis_pings, logfile=node_dir / "redis-server.log")
+            )
+            cluster.nodes.append(ClusterNodeProcess(port, node_dir, process))
+        command = [
+            shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+            *(n.address for n in cluster.nodes),
+            "--cluster-replicas", str(replicas), "--cluster-yes",
+        ]  # fmt: skip
+        create = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if create.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{create.stdout}{create.stderr}")
+        cluster.wait_ok()
+        yield cluster
