@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tests.services import spawned_redis
 from tests.test_fold import CONSUMERS, T0, any_events, event_lists, split
+from tracker.connection import Client
 from tracker.errors import CheckpointConflictError
 from tracker.events import (
     AnyEvent,
@@ -193,7 +194,7 @@ def test_projecting_appended_events_without_reading_them_back(
 class InterleavingStore(SnapshotStore):
     """A real store whose ``merge`` first lets another projector run (a chosen race)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, cut_in: Sequence[int]) -> None:
+    def __init__(self, client: Client, keys: Keys, cut_in: Sequence[int]) -> None:
         super().__init__(client, keys)
         self.cut_in = set(cut_in)
         self.merges = 0
@@ -328,7 +329,7 @@ def test_threads_racing_over_many_sessions(world: World) -> None:
 # -- zombies and crashes mid-batch --------------------------------------------------------
 
 
-def raw_dump(client: redis.Redis, keys: Keys) -> dict[str, object]:
+def raw_dump(client: Client, keys: Keys) -> dict[str, object]:
     """Every key of the generation with its value, to show that nothing changed."""
     out: dict[str, object] = {}
     for key in client.scan_iter(match=keys.generation_pattern()):
@@ -387,7 +388,7 @@ class CrashingStore(SnapshotStore):
     and every later one, as a dead process sends nothing more.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, spare: int, seed: int) -> None:
+    def __init__(self, client: Client, keys: Keys, *, spare: int, seed: int) -> None:
         super().__init__(client, keys)
         self.chunks_per_round_trip = 1
         self.spare = spare

@@ -20,9 +20,9 @@ import re
 import threading
 from typing import cast
 
-import redis
 from msgspec import Struct
 
+from tracker.connection import Client
 from tracker.errors import SnapshotStoreError
 from tracker.keys import Keys
 from tracker.snapshots import (
@@ -91,7 +91,7 @@ class Generations:
     can read it without a lock.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, *, log_id: str | None = None) -> None:
+    def __init__(self, client: Client, prefix: str, *, log_id: str | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.log_id = log_id

@@ -13,8 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-import redis
-
+from tracker.connection import connect
 from tracker.errors import (
     GenerationRetiredError,
     NotYetVisibleError,
@@ -26,7 +25,7 @@ from tracker.fold import SessionState
 from tracker.generations import Generations
 from tracker.keys import partition_for
 from tracker.model import SessionDTO, SessionId, checked
-from tracker.snapshots import RETIRED, SnapshotStore, applied_of
+from tracker.snapshots import REDIS_ERRORS, RETIRED, SnapshotStore, applied_of, translate
 
 
 class Reader:
@@ -41,7 +40,10 @@ class Reader:
     @classmethod
     def connect(cls, redis_url: str, prefix: str = "trk") -> Reader:
         """A reader of the projection under ``prefix`` in the Redis at ``redis_url``."""
-        client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+        try:
+            client = connect(redis_url)
+        except REDIS_ERRORS as exc:
+            raise translate(exc, "connecting") from exc
         return cls(Generations(client, prefix))
 
     def close(self) -> None:

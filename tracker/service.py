@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-import redis
-
 from tracker.commands import Commands, Fold, open_only
+from tracker.connection import Client, connect
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
     ClosedError,
@@ -49,7 +48,13 @@ from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
 from tracker.results import AppendResult
 from tracker.settings import Settings, mask_url
-from tracker.snapshots import SCHEMA_VERSION, SnapshotStore, check_redis
+from tracker.snapshots import (
+    REDIS_ERRORS,
+    SCHEMA_VERSION,
+    SnapshotStore,
+    check_redis,
+    unavailable,
+)
 from tracker.status import Status, batches_behind, describe_lag, status, unprojected
 from tracker.writer import Writer
 
@@ -71,7 +76,7 @@ class Tracker(Commands):
         self.warnings: list[str] = []
         self._closed = False
         self._embedded: EmbeddedRedis | None = None
-        self._client: redis.Redis | None = None
+        self._client: Client | None = None
         self._generations: Generations | None = None
         self._background: BackgroundProjector | None = None
         self._closers: list[Callable[[], None]] = []
@@ -155,7 +160,7 @@ class Tracker(Commands):
 
     # -- wiring ------------------------------------------------------------------------
 
-    def _connect(self) -> redis.Redis:
+    def _connect(self) -> Client:
         url = self.settings.redis_url
         if url is None:
             self._embedded = EmbeddedRedis(self.settings.data_dir / "redis")
@@ -163,14 +168,18 @@ class Tracker(Commands):
         self.redis_url = url
         """The Redis this tracker uses (the embedded server's socket if none is configured),
         for a caller that needs a client of its own, e.g. an asyncio one."""
-        client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5)
+        client: Client | None = None
         try:
+            client = connect(url)  # a cluster client asks for the cluster's layout here
             client.ping()
-        except redis.RedisError as exc:
-            client.close()
-            raise SnapshotUnavailableError(
-                f"cannot reach Redis at {mask_url(url)}: {exc}; is it running?"
-            ) from exc
+        except REDIS_ERRORS as exc:
+            if client is not None:
+                client.close()
+            if unavailable(exc):
+                raise SnapshotUnavailableError(
+                    f"cannot reach Redis at {mask_url(url)}: {exc}; is it running?"
+                ) from exc
+            raise SnapshotStoreError(f"Redis at {mask_url(url)} refused: {exc}") from exc
         return client
 
     def _bind(self, *, catch_up: bool) -> None:
@@ -220,7 +229,7 @@ class Tracker(Commands):
         return self._generations
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> Client:
         if self._client is None:
             raise ClosedError("the tracker is closed; open a new one with Tracker.open()")
         return self._client

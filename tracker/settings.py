@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tracker.connection import CLUSTER_SCHEMES, SERVER_SCHEMES, cluster_nodes
 from tracker.errors import ConfigError
 
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _TOPIC = re.compile(r"[A-Za-z0-9_.-]{1,249}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_SCHEMES = {"redis", "rediss", "unix"}
 
 ENV = {
     "data_dir": "TRACKER_DATA_DIR",
@@ -92,8 +92,19 @@ def _problem(name: str, value: object) -> str | None:
         )
     if name == "redis_url" and value is not None:
         url = mask_url(value) if isinstance(value, str) else value
-        if not (isinstance(url, str) and urlsplit(url).scheme in _SCHEMES):
-            return f"{url!r} is not a redis://, rediss:// or unix:// URL"
+        if not (isinstance(url, str) and isinstance(value, str)):
+            return f"{url!r} is not a URL"
+        scheme = urlsplit(url).scheme
+        if scheme in CLUSTER_SCHEMES:
+            try:
+                cluster_nodes(value)
+            except ValueError as error:
+                return f"{url!r}: {error}"
+        elif scheme not in SERVER_SCHEMES:
+            return (
+                f"{url!r} is not a redis://, rediss:// or unix:// URL, nor a Redis Cluster's "
+                "redis+cluster://host:port[,host:port...]"
+            )
     if name == "event_topic" and not (
         isinstance(value, str) and _TOPIC.fullmatch(value) and value not in {".", ".."}
     ):

@@ -9,6 +9,7 @@ apply anything twice or out of order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import threading
@@ -21,8 +22,17 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import msgspec
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from tracker import keys as fields
+from tracker.connection import Client, masters
 from tracker.errors import (
     CheckpointConflictError,
     GenerationRetiredError,
@@ -49,11 +59,31 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def translate(error: redis.RedisError, action: str) -> SnapshotStoreError:
-    """The tracker's error for one of redis-py's, raised at the boundary."""
-    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+"""What redis-py raises: its cluster client's own exceptions do not derive from RedisError."""
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,  # CLUSTERDOWN, MASTERDOWN: a failover in progress
+    TryAgainError,  # TRYAGAIN: a slot being moved
+    SlotNotCoveredError,  # no node serves the slot (yet)
+)
+
+
+def translate(error: redis.RedisError | RedisClusterException, action: str) -> SnapshotStoreError:
+    """The tracker's error for one of redis-py's, raised at the boundary: the ones that
+    end by themselves (no answer, a cluster failing over) are retriable."""
+    if unavailable(error):
         return SnapshotUnavailableError(f"Redis did not answer while {action}: {error}")
     return SnapshotStoreError(f"Redis refused {action}: {error}")
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether redis-py's error ends by itself: no answer, or a cluster failing over
+    (its client says "cannot be connected" from the connection error beneath)."""
+    return isinstance(error, _UNAVAILABLE) or (
+        isinstance(error, RedisClusterException) and isinstance(error.__cause__, _UNAVAILABLE)
+    )
 
 
 @contextmanager
@@ -61,7 +91,7 @@ def redis_errors(action: str) -> Iterator[None]:
     """Turn redis-py's errors into the tracker's, at the boundary."""
     try:
         yield
-    except redis.RedisError as exc:
+    except REDIS_ERRORS as exc:
         raise translate(exc, action) from exc
 
 
@@ -73,7 +103,7 @@ def redis_boundary(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         def call(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return method(*args, **kwargs)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 raise translate(exc, action) from exc
 
         return call
@@ -106,19 +136,40 @@ def applied_of(token: str) -> Position | None:
 
 
 @redis_boundary("reading its configuration")
-def check_redis(client: redis.Redis) -> list[str]:
-    """Settings of the server that would silently break the projection's guarantees."""
-    warnings = []
-    try:
-        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
-    except redis.ResponseError:
-        return ["cannot read maxmemory-policy (CONFIG is disabled); make sure it is noeviction"]
-    if policy and policy != "noeviction":
-        warnings.append(
-            f"Redis maxmemory-policy is {policy}: it may evict snapshots and checkpoints "
-            "silently; set it to noeviction"
+def check_redis(client: Client) -> list[str]:
+    """Settings of the server that would silently break the projection's guarantees; in
+    a cluster, of every master (a replica only evicts once promoted, and a process that
+    starts after that checks it)."""
+    if not isinstance(client, RedisCluster) and _cluster_enabled(client):
+        raise SnapshotStoreError(
+            "this Redis is a node of a Redis Cluster: name the cluster with "
+            "redis+cluster://host:port[,host:port...] so that every key goes to its node"
         )
+    warnings = []
+    for name, node in masters(client):
+        where = f" on {name}" if name else ""
+        try:
+            policy = node.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.ResponseError:
+            warnings.append(
+                f"cannot read maxmemory-policy{where} (CONFIG is disabled); make sure it is "
+                "noeviction"
+            )
+            continue
+        if policy and policy != "noeviction":
+            warnings.append(
+                f"Redis maxmemory-policy is {policy}{where}: it may evict snapshots and "
+                "checkpoints silently; set it to noeviction"
+            )
     return warnings
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a cluster node (``False`` if it will not say)."""
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:
+        return False
 
 
 def _wire(keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]) -> list[str]:
@@ -207,7 +258,7 @@ def state_from_hash(session_id: str, values: dict[str, str]) -> SessionState | N
 class SnapshotStore:
     """Snapshots and checkpoints of one generation; ``calls`` counts Redis commands sent."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: Client, keys: Keys) -> None:
         self.client = client
         self.keys = keys
         self.calls = 0
@@ -255,11 +306,11 @@ class SnapshotStore:
         ]
         last = len(chunks) - 1
         sent: list[Future[list[Any]]] = []
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._pipeline_to(cp_key)
         for number in range(first_chunk, len(chunks)):
             if len(pipe) == self.chunks_per_round_trip:
                 sent.append(self._sender().submit(self._execute, pipe))
-                pipe = self.client.pipeline(transaction=False)
+                pipe = self._pipeline_to(cp_key)
             key_list = [cp_key]
             wire = _wire(self.keys, partition, chunks[number], key_list)
             expected = (
@@ -285,6 +336,20 @@ class SnapshotStore:
                     "another projector is applying this partition"
                 )
 
+    def _pipeline_to(self, key: str) -> redis.client.Pipeline:
+        """A pipeline for :meth:`merge`'s calls, which all touch the slot of ``key``.
+
+        In a cluster, a plain pipeline to the master of that slot: redis-py's cluster
+        pipeline would first ask a node (its "default node") for the keys of every
+        ``EVALSHA``, one round trip more per call, and fails for good once that node is
+        gone. :meth:`_execute` follows a failover.
+        """
+        client = self.client
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+            return client.get_redis_connection(node).pipeline(transaction=False)
+        return client.pipeline(transaction=False)
+
     def _execute(self, pipe: redis.client.Pipeline) -> list[Any]:
         """Send one round trip of :meth:`merge`'s chunk calls, in order.
 
@@ -296,12 +361,26 @@ class SnapshotStore:
         try:
             return pipe.execute()
         except redis.exceptions.NoScriptError as exc:
-            # a restart or failover emptied the script cache: nothing of this round trip
+            # a restart or failover emptied the script cache: no call of this round trip
             # ran; the caller re-reads the checkpoint and sends it again
             self._load_script()
             raise CheckpointConflictError(
                 "Redis lost the merge script; it was loaded again"
             ) from exc
+        except MovedError as exc:  # and ASK: a failover, or the slot moved
+            self._reroute()
+            raise CheckpointConflictError(
+                f"the partition's slot moved to another node ({exc}); sending there"
+            ) from exc
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._reroute()  # the master may be gone; the caller tries again later
+            raise
+
+    def _reroute(self) -> None:
+        """A cluster client asks again which node serves which slot."""
+        if isinstance(self.client, RedisCluster):
+            with contextlib.suppress(*REDIS_ERRORS):
+                self.client.nodes_manager.initialize()
 
     @redis_boundary("loading the merge script")
     def _load_script(self) -> None:
@@ -484,7 +563,7 @@ class SnapshotStore:
         return unlink_matching(self.client, self.keys.generation_pattern(), lambda _: True)
 
 
-def unlink_matching(client: redis.Redis, pattern: str, wanted: Callable[[str], bool]) -> int:
+def unlink_matching(client: Client, pattern: str, wanted: Callable[[str], bool]) -> int:
     """``UNLINK`` the keys matching ``pattern`` that ``wanted`` accepts, a thousand at a
     time as ``SCAN`` finds them (never all of them in memory); returns how many."""
     removed = 0

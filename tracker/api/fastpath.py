@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
-import redis.asyncio
 from litestar import Litestar
 from litestar.plugins.prometheus import PrometheusMiddleware
 
@@ -34,6 +33,7 @@ from tracker.api.context import Api
 from tracker.api.errors import NOT_FOUND
 from tracker.api.metrics import PROMETHEUS
 from tracker.api.views import POSITION_HEADER, shown
+from tracker.connection import AsyncClient, connect_async
 from tracker.events import Position
 from tracker.keys import partition_for
 from tracker.model import SessionDTO, SessionId, checked
@@ -69,7 +69,7 @@ class FastPath:
 
     def __init__(self, app: ASGIApp, api: Api) -> None:
         self.app, self.api = app, api
-        self._redis: redis.asyncio.Redis | None = None
+        self._redis: AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # the same metric objects Litestar's middleware creates on its first request
         middleware = PrometheusMiddleware(app, PROMETHEUS)
@@ -162,9 +162,7 @@ class FastPath:
             return None
         loop = asyncio.get_running_loop()
         if self._redis is None or self._loop is not loop:  # a client serves one event loop
-            self._redis = redis.asyncio.Redis.from_url(
-                tracker.redis_url, decode_responses=True, socket_connect_timeout=5
-            )
+            self._redis = connect_async(tracker.redis_url)
             self._loop = loop
         store = tracker.store
         partition = partition_for(session_id, store.keys.partitions)

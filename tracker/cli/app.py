@@ -156,7 +156,8 @@ def load_settings(environ: Mapping[str, str], **flags: Any) -> Settings:
 )
 @click.option(
     "--redis-url",
-    help="Redis holding the snapshots, e.g. redis://127.0.0.1:6379/0. "
+    help="Redis holding the snapshots, e.g. redis://127.0.0.1:6379/0, or a Redis Cluster: "
+    "redis+cluster://host:port[,host:port...]. "
     "[env: TRACKER_REDIS_URL; default: an embedded redis-server in the data dir]",
 )
 @click.option(
