@@ -37,10 +37,12 @@ decode_record = msgspec.msgpack.Decoder(StreamRecord).decode
 
 
 class _Fields(Struct, gc=False):
-    """The two fields the worker reads; every other field is skipped unread."""
+    """The two fields the worker reads; every other field is skipped unread. The
+    ``session_id`` field is checked only when it is used (no key, no header): a message
+    keyed by its session is never refused for a field it does not need."""
 
     offset: Offset
-    session_id: SessionId | None = None
+    session_id: Any = None
 
 
 _decode_fields = msgspec.json.Decoder(_Fields).decode
@@ -113,6 +115,13 @@ def _session_id(raw: bytes) -> str:
         raise Undecodable(f"the session id {text!r} is not 1..64 chars of [A-Za-z0-9_-]") from None
 
 
+def _field_session_id(value: object) -> str:
+    try:
+        return str(msgspec.convert(value, SessionId))
+    except msgspec.ValidationError as exc:
+        raise Undecodable(f"invalid event: {exc} - at `$.session_id`") from None
+
+
 def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str, int]:
     """The message's session id and offset, or :class:`Undecodable` saying why not.
 
@@ -133,7 +142,7 @@ def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str,
         if header:
             return _session_id(header), fields.offset
     if fields.session_id is not None:
-        return fields.session_id, fields.offset
+        return _field_session_id(fields.session_id), fields.offset
     raise Undecodable("no session id: no message key, session_id header or field")
 
 
