@@ -36,7 +36,9 @@ scalars = (
 )
 json_values: st.SearchStrategy[Any] = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 """Arbitrary JSON values (the standard's: no NaN, no infinities)."""
@@ -91,6 +93,7 @@ def flux0_events(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
 
 
 session_texts = ids | st.text(max_size=70) | st.just("")
+id_keys = ids.map(str.encode)
 session_fields = st.none() | session_texts | json_values
 
 
@@ -101,7 +104,9 @@ def near_valid_messages(draw: st.DrawFn) -> StreamRecord:
     event, _ = draw(flux0_events())
     if draw(st.booleans()):
         event["session_id"] = draw(session_fields)
-    key = draw(st.none() | session_texts.map(str.encode) | st.binary(max_size=8))
+    key = draw(
+        st.one_of(id_keys, id_keys, st.none(), session_texts.map(str.encode), st.binary(max_size=8))
+    )
     headers = draw(
         st.lists(
             st.tuples(
@@ -145,7 +150,11 @@ def expected_ids(record: StreamRecord) -> tuple[str, int] | None:
 
 keys = st.none() | st.binary(max_size=10) | ids.map(str.encode)
 header_lists = st.lists(st.tuples(st.text(max_size=10), st.binary(max_size=10)), max_size=3)
+valid_messages = st.builds(
+    StreamRecord, id_keys, st.builds(lambda o: dumps({**EVENT, "offset": o}), offsets)
+)
 stream_records: st.SearchStrategy[StreamRecord | bytes] = st.one_of(
+    valid_messages,
     near_valid_messages(),
     st.builds(StreamRecord, keys, st.binary(max_size=60), header_lists),
     st.builds(StreamRecord, keys, odd_json, header_lists),
@@ -156,9 +165,7 @@ stream_records: st.SearchStrategy[StreamRecord | bytes] = st.one_of(
 
 # -- tracker events (``events import``) -------------------------------------------------
 
-times = st.datetimes(timezones=st.just(UTC)).map(
-    lambda t: t.isoformat().replace("+00:00", "Z")
-)
+times = st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat().replace("+00:00", "Z"))
 titles = st.none() | st.text(max_size=200)
 valid_events = st.one_of(
     st.fixed_dictionaries(
