@@ -93,7 +93,13 @@ class Message:
 
     @functools.cached_property
     def event(self) -> dict[str, Any]:
-        decoded: dict[str, Any] = _decode_json(self.value)
+        """The whole event. Raises :class:`Undecodable` (the message becomes a dead letter
+        with that reason, as any undecodable one) for a value the worker skipped unread but
+        that cannot be decoded, such as ``1e999``."""
+        try:
+            decoded: dict[str, Any] = _decode_json(self.value)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise Undecodable(f"not a JSON event: {exc}") from None
         return decoded
 
     def __repr__(self) -> str:
