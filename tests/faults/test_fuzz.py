@@ -251,3 +251,69 @@ def test_arbitrary_stream_messages_are_handled_or_dead_lettered_in_process(
     fault_report.lost = tally.lost
     fault_report.checked = "each handled or dead-lettered with a reason; offsets = highest handled"
     fault_report.detail = {"examples": tally.examples, **tally.outcomes}
+
+
+def saved_position(stream: Path) -> int:
+    try:
+        return int(json.loads((stream / "consumers" / "c.json").read_text())["next"])
+    except (FileNotFoundError, ValueError):
+        return -1
+
+
+def test_arbitrary_stream_messages_through_tracker_worker_processes(
+    fault_report: Figures, fresh: Callable[[], tuple[Path, Settings]]
+) -> None:
+    """The same, end to end: a ``tracker worker`` process reads the stream, then SIGTERM;
+    it exits 0 without a traceback, and the log holds the highest offset per session."""
+    tally = Tally()
+
+    @fuzz(4)
+    @given(st.lists(stream_records, min_size=20, max_size=80))
+    def check(records: list[StreamRecord | bytes]) -> None:
+        stream, settings = fresh()
+        write_stream(stream, records)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+        env.update(TRACKER_DATA_DIR=str(settings.data_dir), TRACKER_REDIS_URL=str(settings.redis_url),
+                   TRACKER_PREFIX=settings.prefix, TRACKER_FSYNC="0")  # fmt: skip
+        command = [TRACKER, "worker", "--stream-dir", str(stream), "--consumer", "c",
+                   "--flush-ms", "20", "--report-every", "0"]  # fmt: skip
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: saved_position(stream) == len(records) or process.poll() is not None,
+                       "the worker's position", 60)  # fmt: skip
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        assert process.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
+        expected: dict[str, int] = {}
+        expected_letters: dict[int, str] = {}
+        for position, record in enumerate(records):
+            ids, reason = expected_outcome(record, handler=False)
+            if ids is None:
+                expected_letters[position] = str(reason)
+            elif expected.get(ids[0], -1) < ids[1]:
+                expected[ids[0]] = ids[1]
+        with Tracker(settings) as tracker:
+            committed = committed_in_log(tracker, "c")
+            projected = {s: tracker.offsets(s).get("c", -1) for s in expected}
+        letters = letters_of(stream)
+        tally.examples += 1
+        tally.outcomes["messages"] += len(records)
+        tally.outcomes["dead-lettered"] += len(letters)
+        tally.outcomes["handled"] += len(records) - len(letters)
+        tally.lost += sum(1 for s, o in expected.items() if projected[s] < o)
+        assert saved_position(stream) == len(records)
+        assert letters == expected_letters
+        assert committed == expected and projected == expected
+
+    check()
+    fault_report.fault = "hypothesis: arbitrary stream messages read by tracker worker processes"
+    fault_report.injected = fault_report.survived = tally.outcomes["messages"]
+    fault_report.lost = tally.lost
+    fault_report.checked = "exit 0 on SIGTERM, no traceback; dead letters and offsets as decoded"
+    fault_report.detail = {
+        "examples": tally.examples,
+        "processes": tally.examples,
+        **tally.outcomes,
+    }
