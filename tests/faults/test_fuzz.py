@@ -19,19 +19,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import pytest
 import redis
+from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from consumers import Message, Worker
-from consumers.handlers import acknowledge
 from consumers.filestream import FileStream, open_stream_log
+from consumers.handlers import acknowledge
 from consumers.messages import (
     StreamRecord,
     Undecodable,
@@ -41,9 +40,17 @@ from consumers.messages import (
     message_ids,
 )
 from tests.conftest import delete_prefix
-from tests.faults.fuzzing import expected_ids, near_valid_messages, stream_records
+from tests.faults.fuzzing import (
+    bad_lines,
+    dumps,
+    expected_ids,
+    near_valid_messages,
+    stream_records,
+    valid_events,
+)
 from tests.faults.report import Figures
 from tracker import Settings, Tracker
+from tracker.cli import main
 from tracker.events import OffsetCommitted
 from tracker.logs.file import FileLog
 
@@ -253,6 +260,13 @@ def test_arbitrary_stream_messages_are_handled_or_dead_lettered_in_process(
     fault_report.detail = {"examples": tally.examples, **tally.outcomes}
 
 
+def clean_env(data_dir: Path, redis_url: str, prefix: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+    env.update(TRACKER_DATA_DIR=str(data_dir), TRACKER_REDIS_URL=redis_url, TRACKER_PREFIX=prefix,
+               TRACKER_FSYNC="0", TRACKER_WAIT_TIMEOUT="2", TRACKER_LOCK_TIMEOUT="2")  # fmt: skip
+    return env
+
+
 def saved_position(stream: Path) -> int:
     try:
         return int(json.loads((stream / "consumers" / "c.json").read_text())["next"])
@@ -272,9 +286,7 @@ def test_arbitrary_stream_messages_through_tracker_worker_processes(
     def check(records: list[StreamRecord | bytes]) -> None:
         stream, settings = fresh()
         write_stream(stream, records)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
-        env.update(TRACKER_DATA_DIR=str(settings.data_dir), TRACKER_REDIS_URL=str(settings.redis_url),
-                   TRACKER_PREFIX=settings.prefix, TRACKER_FSYNC="0")  # fmt: skip
+        env = clean_env(settings.data_dir, str(settings.redis_url), settings.prefix)
         command = [TRACKER, "worker", "--stream-dir", str(stream), "--consumer", "c",
                    "--flush-ms", "20", "--report-every", "0"]  # fmt: skip
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -284,7 +296,7 @@ def test_arbitrary_stream_messages_through_tracker_worker_processes(
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-            out, err = process.communicate(timeout=60)
+            _, err = process.communicate(timeout=60)
         assert process.returncode == 0 and b"Traceback" not in err, err.decode(errors="replace")
         expected: dict[str, int] = {}
         expected_letters: dict[int, str] = {}
@@ -317,3 +329,131 @@ def test_arbitrary_stream_messages_through_tracker_worker_processes(
         "processes": tally.examples,
         **tally.outcomes,
     }
+
+
+# -- (b) event import lines --------------------------------------------------------------
+
+
+def log_bytes(data_dir: Path) -> dict[str, bytes]:
+    """Every file of the event log, byte for byte (``LOCK`` holds a PID only)."""
+    root = data_dir / "log"
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "LOCK"
+    }
+
+
+import_files = st.tuples(
+    st.lists(valid_events.map(dumps), max_size=12),
+    st.lists(st.tuples(st.integers(0, 12), bad_lines), max_size=3),
+    st.lists(st.integers(0, 12), max_size=2),  # blank lines
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.booleans(),  # a byte order mark
+)
+
+
+def import_source(
+    drawn: tuple[list[bytes], list[tuple[int, bytes]], list[int], bytes, bool],
+) -> tuple[bytes, int | None, int]:
+    """The file's bytes, the number of its first bad line (``None``: all good), and the
+    count of events in it."""
+    good, bad, blanks, ending, bom = drawn
+    lines: list[tuple[bytes, bool]] = [(line, True) for line in good]
+    for at, line in bad:
+        lines.insert(min(at, len(lines)), (line, False))
+    for at in blanks:
+        lines.insert(min(at, len(lines)), (b"  ", True))
+    first_bad = next((n for n, (_, ok) in enumerate(lines, 1) if not ok), None)
+    data = b"".join(line + ending for line, _ in lines)
+    return (b"\xef\xbb\xbf" if bom else b"") + data, first_bad, len(good)
+
+
+def check_import(
+    code: int, stderr: str, first_bad: int | None, before: dict[str, bytes], after: dict[str, bytes]
+) -> str:
+    """The outcome's name, once the contract held."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    if first_bad is not None:
+        assert code == 2, (code, stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"error: line {first_bad}: "), stderr
+        assert after == before, "a refused import changed the log"
+        return "refused"
+    assert code == 0, (code, stderr)
+    return "imported"
+
+
+@pytest.fixture
+def import_dir(tmp_path: Path, redis_url: str, prefix: str) -> Path:
+    """A data dir whose log holds a few events already."""
+    data_dir = tmp_path / "data"
+    with Tracker(Settings(data_dir=data_dir, redis_url=redis_url, prefix=prefix, fsync=False)) as t:
+        t.create_session("agent", "user", session_id="seeded")
+        t.commit("seeded", "client", 3)
+    return data_dir
+
+
+def test_event_import_lines_in_process(
+    fault_report: Figures, import_dir: Path, redis_url: str, prefix: str
+) -> None:
+    """``events import -`` of valid lines mixed with arbitrary bytes, arbitrary JSON and
+    broken events, in-process (click's runner): exit 2 naming the first bad line and the
+    log unchanged byte for byte, or exit 0 with every event appended."""
+    outcomes: Counter[str] = Counter()
+    env = clean_env(import_dir, redis_url, prefix)
+
+    @fuzz(120)
+    @given(import_files)
+    def check(drawn: tuple[list[bytes], list[tuple[int, bytes]], list[int], bytes, bool]) -> None:
+        source, first_bad, count = import_source(drawn)
+        before = log_bytes(import_dir)
+        with Tracker(Settings.from_env(env)) as tracker:
+            events_before = tracker.event_count()
+        result = CliRunner().invoke(main, ["events", "import", "-"], input=source, env=env)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result
+        outcome = check_import(result.exit_code, result.stderr, first_bad, before,
+                               log_bytes(import_dir))  # fmt: skip
+        if outcome == "imported":
+            with Tracker(Settings.from_env(env)) as tracker:
+                assert tracker.event_count() == events_before + count
+        outcomes[outcome] += 1
+        outcomes["lines"] += source.count(b"\n")
+
+    check()
+    with Tracker(Settings.from_env(env)) as tracker:
+        differences = len(tracker.verify().differences)
+    assert differences == 0
+    fault_report.fault = "hypothesis: arbitrary bytes, JSON, broken events among valid import lines"
+    fault_report.injected = fault_report.survived = outcomes["refused"] + outcomes["imported"]
+    fault_report.checked = "exit 2 naming the first bad line, log unchanged; else all imported"
+    fault_report.detail = {"examples": fault_report.injected, "verify differences": differences,
+                           **outcomes}  # fmt: skip
+
+
+def test_event_import_lines_through_processes(
+    fault_report: Figures, import_dir: Path, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A few of the same through the ``tracker`` console script, from a file."""
+    outcomes: Counter[str] = Counter()
+    env = clean_env(import_dir, redis_url, prefix)
+
+    @fuzz(5)
+    @given(import_files)
+    def check(drawn: tuple[list[bytes], list[tuple[int, bytes]], list[int], bytes, bool]) -> None:
+        source, first_bad, _ = import_source(drawn)
+        path = tmp_path / "events.jsonl"
+        path.write_bytes(source)
+        before = log_bytes(import_dir)
+        done = subprocess.run([TRACKER, "events", "import", str(path)], env=env,
+                              capture_output=True, timeout=120, check=False)  # fmt: skip
+        stderr = done.stderr.decode(errors="replace")
+        outcomes[
+            check_import(done.returncode, stderr, first_bad, before, log_bytes(import_dir))
+        ] += 1
+
+    check()
+    fault_report.fault = "hypothesis: bad import lines, tracker events import processes"
+    fault_report.injected = fault_report.survived = outcomes.total()
+    fault_report.checked = "exit 2 naming the first bad line, log unchanged; else exit 0"
+    fault_report.detail = {"examples": outcomes.total(), "processes": outcomes.total(), **outcomes}
