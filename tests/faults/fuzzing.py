@@ -9,6 +9,7 @@ import re
 from datetime import UTC
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from hypothesis import strategies as st
 
@@ -238,3 +239,63 @@ bad_lines = st.one_of(
     odd_json.filter(_not_an_event),
 ).filter(lambda line: b"\n" not in line and bool(line.strip()))
 """A line ``events import`` must refuse (never blank: blank lines are skipped)."""
+
+
+# -- HTTP requests ----------------------------------------------------------------------
+
+
+def _header_safe(raw: bytes) -> bytes:
+    """Bytes an HTTP client may send as a header value: no control characters, no
+    surrounding blanks (h11 refuses the rest before anything is sent)."""
+    cleaned = bytes(b if b >= 0x20 and b != 0x7F else 0x3F for b in raw)
+    return cleaned.strip(b" \t")
+
+
+header_values = st.binary(max_size=40).map(_header_safe)
+
+PERCENT = ["%ED%A0%80", "%FF", "%00", "%2F", "%25", "..", ".", "%C3%A9", "a%20b", "%0A"]
+path_segments = st.one_of(
+    ids,
+    st.text(max_size=20).map(lambda t: quote(t, safe="")),
+    st.lists(st.sampled_from([*PERCENT, "s1", "x"]), min_size=1, max_size=3).map("".join),
+    st.text(alphabet="abc/?#;=&", max_size=8),
+)
+"""A path segment: an id, quoted text, raw percent escapes (invalid UTF-8, surrogates, NUL)
+and characters that end or split a path."""
+
+create_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "agent_id": ids | json_values,
+        "user_id": ids | json_values,
+        "id": ids | json_values,
+        "title": titles | json_values,
+        "extra": json_values,
+    },
+).map(dumps)
+patch_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "title": titles | json_values,
+        "consumption_offsets": json_values
+        | st.dictionaries(consumers | st.text(max_size=5), offsets | bad_offsets, max_size=3),
+        "extra": json_values,
+    },
+).map(dumps)  # fmt: skip
+reset_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "reason": st.text(max_size=20) | json_values,
+        "to_offset": offsets | bad_offsets,
+        "shift_by": st.integers() | json_values,
+        "to_time": times | st.text(max_size=30) | json_values,
+        "execute": st.booleans() | json_values,
+    },
+).map(dumps)
+bodies = st.one_of(
+    create_bodies, patch_bodies, reset_bodies, odd_json, st.binary(max_size=80), st.just(b"")
+)
+QUERY_KEYS = ["consumers", "min_position", "as_of", "user_id", "agent_id", "limit", "cursor"]
+queries = st.lists(
+    st.tuples(st.sampled_from(QUERY_KEYS) | st.text(max_size=5), st.text(max_size=20)), max_size=3
+)

@@ -20,7 +20,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlencode
 
+import httpx
 import msgspec
 import pytest
 import redis
@@ -39,12 +42,17 @@ from consumers.messages import (
     encode_record,
     message_ids,
 )
+from tests.apiserver import USER, create, served
 from tests.conftest import delete_prefix
 from tests.faults.fuzzing import (
     bad_lines,
+    bodies,
     dumps,
     expected_ids,
+    header_values,
     near_valid_messages,
+    path_segments,
+    queries,
     stream_records,
     valid_events,
 )
@@ -457,3 +465,121 @@ def test_event_import_lines_through_processes(
     fault_report.injected = fault_report.survived = outcomes.total()
     fault_report.checked = "exit 2 naming the first bad line, log unchanged; else exit 0"
     fault_report.detail = {"examples": outcomes.total(), "processes": outcomes.total(), **outcomes}
+
+
+# -- (c) HTTP bodies, headers and paths ----------------------------------------------------
+
+GRANT_NAMES = ["read", "write", "admin", "user-write", "user-admin"]
+
+
+class Request(NamedTuple):
+    method: str
+    url: str
+    headers: dict[str, bytes]
+    body: bytes
+
+
+@st.composite
+def http_requests(draw: st.DrawFn, known: list[str]) -> Request:
+    """One request to a route of the API, with its path, query, body and headers fuzzed."""
+    segment = draw(st.sampled_from(known) if draw(st.booleans()) else path_segments)
+    method, url = draw(
+        st.sampled_from(
+            [
+                ("POST", "/api/sessions"),
+                ("PATCH", f"/api/sessions/{segment}"),
+                ("GET", f"/api/sessions/{segment}"),
+                ("GET", "/api/sessions"),
+                ("DELETE", f"/api/sessions/{segment}"),
+                ("POST", f"/api/sessions/{segment}/offsets/{draw(path_segments)}/reset"),
+                ("GET", f"/api/sessions/{segment}/history"),
+            ]
+        )
+    )
+    if query := draw(queries):
+        url += "?" + urlencode(query)
+    headers: dict[str, bytes] = {}
+    kind = draw(st.integers(0, 9))  # mostly a valid token, to reach the routes' checks
+    if kind == 1:
+        headers["authorization"] = draw(header_values)
+    elif kind == 2:
+        headers["authorization"] = (b"Bearer " + draw(header_values)).strip()
+    elif kind > 2:
+        headers["authorization"] = draw(st.sampled_from(GRANT_NAMES)).encode()
+    content_type = draw(st.none() | st.just(b"application/json") | header_values)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    body = draw(bodies) if method in {"POST", "PATCH"} or draw(st.booleans()) else b""
+    return Request(method, url, headers, body)
+
+
+def log_size(data_dir: Path) -> int:
+    """The event log's bytes (segments only grow, by appends)."""
+    return sum(p.stat().st_size for p in (data_dir / "log").glob("*.seg"))
+
+
+def flux0_error(status: int, body: bytes) -> None:
+    """A 4xx body in flux0's shape: ``{"detail": "..."}`` or pydantic's 422 list."""
+    value = json.loads(body)
+    assert isinstance(value, dict) and set(value) == {"detail"}, (status, value)
+    detail = value["detail"]
+    if isinstance(detail, list):
+        assert detail and all(
+            isinstance(d, dict) and {"type", "loc", "msg", "input"} <= set(d) for d in detail
+        ), (status, value)
+    else:
+        assert isinstance(detail, str) and detail, (status, value)
+
+
+def test_http_bodies_headers_and_paths(
+    fault_report: Figures, tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A real ``tracker serve``: arbitrary bodies (bytes, JSON, near-valid), header values
+    (Authorization, Content-Type) and path segments (percent escapes of invalid UTF-8,
+    surrogates, NUL) on every session route. Never a 5xx; a 4xx is a JSON error in flux0's
+    shape and the log gains nothing from it."""
+    statuses: Counter[int] = Counter()
+    with served(tmp_path, redis_url, redis_client, "fuzz-http") as server:
+        with server.client("admin") as admin:
+            known = [create(admin, user_id=USER, title=f"t{n}")["id"] for n in range(3)]
+        tokens = {name.encode(): f"Bearer {server.tokens[name]}".encode() for name in GRANT_NAMES}
+
+        @fuzz(250)
+        @given(http_requests(known))
+        @example(Request("POST", "/api/sessions", {"authorization": b"write"}, b"1e999"))
+        def check(request: Request) -> None:
+            headers = dict(request.headers)
+            if (auth := headers.get("authorization")) in tokens:
+                headers["authorization"] = tokens[auth]
+            before = log_size(server.data_dir)
+            response = client.request(
+                request.method, request.url, content=request.body, headers=headers
+            )
+            statuses[response.status_code] += 1
+            assert response.status_code < 500, (response.status_code, response.text)
+            if response.status_code >= 400:
+                flux0_error(response.status_code, response.content)
+                assert log_size(server.data_dir) == before, "a refused request was appended"
+            elif response.status_code != 204:
+                json.loads(response.content)
+
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                check()
+        finally:
+            serve_log = server.log.read_text(errors="replace")
+        assert "Traceback" not in serve_log, serve_log[-3000:]
+        with Tracker(Settings.from_env(clean_env(server.data_dir, redis_url, server.prefix))) as t:
+            differences = len(t.verify().differences)
+    assert differences == 0
+    requests = statuses.total()
+    fault_report.fault = "hypothesis: arbitrary bodies, header values, path segments over HTTP"
+    fault_report.injected = fault_report.survived = requests
+    fault_report.checked = "never a 5xx; 4xx in flux0's error shape, log unchanged; verify 0"
+    fault_report.detail = {
+        "requests": requests,
+        "2xx": sum(n for s, n in statuses.items() if s < 300),
+        "4xx": sum(n for s, n in statuses.items() if s >= 400),
+        **{f"status {s}": n for s, n in sorted(statuses.items())},
+        "verify differences": differences,
+    }
