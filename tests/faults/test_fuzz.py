@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 import httpx
@@ -50,6 +50,7 @@ from tests.faults.fuzzing import (
     dumps,
     expected_ids,
     header_values,
+    ids,
     near_valid_messages,
     path_segments,
     queries,
@@ -584,3 +585,115 @@ def test_http_bodies_headers_and_paths(
         **{f"status {s}": n for s, n in sorted(statuses.items())},
         "verify differences": differences,
     }
+
+
+# -- (d) CLI arguments ---------------------------------------------------------------------
+
+COMMANDS = [
+    ("sessions", "create"), ("sessions", "show"), ("sessions", "history"), ("sessions", "list"),
+    ("sessions", "rename"), ("sessions", "delete"), ("offsets", "commit"), ("offsets", "show"),
+    ("offsets", "reset"), ("events", "import"), ("events", "export"), ("verify",), ("status",),
+    ("streams", "append"), ("consumers", "lag"), ("tokens", "create"), ("tokens", "list"),
+    ("tokens", "revoke"),
+]  # fmt: skip
+"""Every command that ends by itself (not serve, worker, project or demo)."""
+UNBOUNDED = {"--timeout", "--generate", "--sessions"}
+"""Options whose arbitrary values could make a command run for long (a wait, a workload)."""
+EXIT_CODES = {0, 1, 2, 75}
+
+
+def options_of(path: tuple[str, ...]) -> list[str]:
+    command: Any = main
+    for name in path:
+        command = command.commands[name]
+    names = [o for p in command.params for o in getattr(p, "opts", []) if o.startswith("-")]
+    return [n for n in names if n not in UNBOUNDED] + ["--help", "-", "--"]
+
+
+any_text = st.text(st.characters(codec=None, exclude_characters="\x00"), max_size=12)
+"""Any text, lone surrogates included (what undecodable bytes in argv become)."""
+
+
+@st.composite
+def argvs(draw: st.DrawFn, seeded: list[str]) -> list[str]:
+    path = draw(st.sampled_from(COMMANDS))
+    words = st.one_of(
+        st.sampled_from(options_of(path)),
+        st.sampled_from(seeded),
+        ids,
+        st.integers().map(str),
+        any_text,
+    )
+    return [*path, *draw(st.lists(words, max_size=6))]
+
+
+def check_cli(code: int, output: str, before: dict[str, bytes], after: dict[str, bytes]) -> None:
+    assert code in EXIT_CODES, (code, output)
+    assert "Traceback" not in output, output
+    if code != 0:
+        assert after == before, "a failed command changed the log"
+        assert "error: " in output or code == 1, output
+
+
+def test_cli_arguments_in_process(
+    fault_report: Figures,
+    import_dir: Path,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Arbitrary argument lists (options of the command, ids, numbers, any text) to every
+    command, in-process (click's runner): a documented exit code, no traceback, and the
+    log unchanged unless the command succeeded."""
+    codes: Counter[int] = Counter()
+    env = clean_env(import_dir, redis_url, prefix)
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)  # relative paths in the arguments land here
+
+    @fuzz(300)
+    @given(argvs(["seeded", "client", "3", "0:0:0", "2025-01-29T09:27:41Z"]))
+    @example(["sessions", "show", "s\udcff"])
+    def check(argv: list[str]) -> None:
+        before = log_bytes(import_dir)
+        result = runner.invoke(main, argv, input=b"", env=env)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            argv,
+            result.stderr,
+        )
+        codes[result.exit_code] += 1
+        check_cli(result.exit_code, result.output, before, log_bytes(import_dir))
+
+    check()
+    fault_report.fault = "hypothesis: arbitrary argument lists to every tracker command"
+    fault_report.injected = fault_report.survived = codes.total()
+    fault_report.checked = "exit 0/1/2/75, no traceback, log unchanged unless exit 0"
+    fault_report.detail = {"examples": codes.total(), **{f"exit {c}": n for c, n in codes.items()}}
+
+
+def test_cli_arguments_through_processes(
+    fault_report: Figures, import_dir: Path, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """A few of the same as real ``tracker`` processes, with arbitrary bytes in argv (not
+    UTF-8: Python hands them on as lone surrogates)."""
+    codes: Counter[int] = Counter()
+    env = clean_env(import_dir, redis_url, prefix)
+    raw_words = st.binary(min_size=1, max_size=8).filter(lambda b: b"\x00" not in b)
+
+    @fuzz(8)
+    @given(st.sampled_from(COMMANDS), st.lists(raw_words | ids.map(str.encode), max_size=4))
+    @example(("sessions", "show"), [b"s\xff"])
+    def check(path: tuple[str, ...], words: list[bytes]) -> None:
+        before = log_bytes(import_dir)
+        argv = [TRACKER.encode(), *(p.encode() for p in path), *words]
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL, cwd=tmp_path)  # fmt: skip
+        codes[done.returncode] += 1
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        check_cli(done.returncode, output, before, log_bytes(import_dir))
+
+    check()
+    fault_report.fault = "hypothesis: arbitrary bytes as argv of tracker processes"
+    fault_report.injected = fault_report.survived = codes.total()
+    fault_report.checked = "exit 0/1/2/75, no traceback, log unchanged unless exit 0"
+    fault_report.detail = {"processes": codes.total(), **{f"exit {c}": n for c, n in codes.items()}}
