@@ -651,7 +651,7 @@ def test_cli_arguments_in_process(
     runner = CliRunner()
     monkeypatch.chdir(tmp_path)  # relative paths in the arguments land here
 
-    @fuzz(300)
+    @fuzz(500)
     @given(argvs(["seeded", "client", "3", "0:0:0", "2025-01-29T09:27:41Z"]))
     @example(["sessions", "show", "s\udcff"])
     def check(argv: list[str]) -> None:
