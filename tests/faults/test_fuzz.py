@@ -60,6 +60,7 @@ from tests.faults.fuzzing import (
 from tests.faults.report import Figures
 from tracker import Settings, Tracker
 from tracker.cli import main
+from tracker.errors import SessionNotFoundError
 from tracker.events import OffsetCommitted
 from tracker.logs.file import FileLog
 
@@ -220,8 +221,14 @@ def run_worker_over(
             source.close()
         assert not thread.is_alive(), "the worker did not stop"
         committed = committed_in_log(tracker, "c")
-        for session, offset in committed.items():  # projected too
-            wait_until(lambda s=session, o=offset: tracker.offsets(s).get("c") == o, "offsets")
+
+        def projected() -> bool:
+            try:
+                return all(tracker.offsets(s).get("c") == o for s, o in committed.items())
+            except SessionNotFoundError:  # not projected yet
+                return False
+
+        wait_until(projected, "the offsets in Redis")
     saved = json.loads((stream / "consumers" / "c.json").read_text())["next"]
     return committed, letters_of(stream), saved
 
@@ -550,9 +557,9 @@ def test_http_bodies_headers_and_paths(
         @given(http_requests(known))
         @example(Request("POST", "/api/sessions", {"authorization": b"write"}, b"1e999"))
         def check(request: Request) -> None:
-            headers = dict(request.headers)
-            if (auth := headers.get("authorization")) in tokens:
-                headers["authorization"] = tokens[auth]
+            headers = {name.encode(): value for name, value in request.headers.items()}
+            if (auth := headers.get(b"authorization")) in tokens:
+                headers[b"authorization"] = tokens[auth]
             before = log_size(server.data_dir)
             response = client.request(
                 request.method, request.url, content=request.body, headers=headers
