@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -168,6 +168,14 @@ stream_records: st.SearchStrategy[StreamRecord | bytes] = st.one_of(
 
 times = st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat().replace("+00:00", "Z"))
 titles = st.none() | st.text(max_size=200)
+zoned_times = st.builds(
+    lambda t, minutes: t.replace(tzinfo=timezone(timedelta(minutes=minutes))).isoformat(),
+    st.datetimes(),
+    st.integers(-1439, 1439),
+)
+"""Times with any zone, the edges of the calendar included (0001-01-01 east of UTC)."""
+positions = st.from_regex(r"\A-?[0-9]{1,22}:-?[0-9]{1,22}:-?[0-9]{1,22}\Z")
+"""Position tokens, of any size."""
 valid_events = st.one_of(
     st.fixed_dictionaries(
         {"type": st.just("offset_committed"), "session_id": ids, "consumer": consumers,
@@ -288,7 +296,7 @@ reset_bodies = st.fixed_dictionaries(
         "reason": st.text(max_size=20) | json_values,
         "to_offset": offsets | bad_offsets,
         "shift_by": st.integers() | json_values,
-        "to_time": times | st.text(max_size=30) | json_values,
+        "to_time": times | zoned_times | st.text(max_size=30) | json_values,
         "execute": st.booleans() | json_values,
     },
 ).map(dumps)
@@ -297,5 +305,47 @@ bodies = st.one_of(
 )
 QUERY_KEYS = ["consumers", "min_position", "as_of", "user_id", "agent_id", "limit", "cursor"]
 queries = st.lists(
-    st.tuples(st.sampled_from(QUERY_KEYS) | st.text(max_size=5), st.text(max_size=20)), max_size=3
+    st.tuples(
+        st.sampled_from(QUERY_KEYS) | st.text(max_size=5),
+        st.text(max_size=20) | positions | zoned_times | st.integers().map(str),
+    ),
+    max_size=3,
 )
+
+
+# -- ``streams append`` input lines -------------------------------------------------------
+
+stream_lines = st.builds(
+    lambda session, offset: dumps({**EVENT, "offset": offset, "session_id": session}), ids, offsets
+)
+"""A flux0 event with its ``session_id``: what ``streams append`` takes."""
+
+
+@st.composite
+def bad_stream_lines(draw: st.DrawFn) -> bytes:
+    """A line ``streams append`` must refuse: a flux0 event whose offset or session id is
+    wrong or missing, or JSON and bytes that are no such event."""
+    event, valid = draw(flux0_events())
+    session = draw(st.none() | session_fields)
+    if session is not None:
+        event["session_id"] = session
+    else:
+        event.pop("session_id", None)
+    if valid and isinstance(session, str) and ID.fullmatch(session):
+        event["offset"] = -1  # one of the two must be wrong
+    return dumps(event)
+
+
+def _no_event_fields(line: bytes) -> bool:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return True
+    return not (isinstance(value, dict) and "offset" in value and "session_id" in value)
+
+
+bad_input_lines = st.one_of(
+    bad_stream_lines(),
+    st.binary(max_size=40).filter(_no_event_fields),
+    odd_json.filter(_no_event_fields),
+).filter(lambda line: b"\n" not in line and bool(line.strip()))
