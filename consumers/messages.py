@@ -42,7 +42,7 @@ class _Fields(Struct, gc=False):
     keyed by its session is never refused for a field it does not need."""
 
     offset: Offset
-    session_id: Any = None
+    session_id: msgspec.Raw = msgspec.Raw()
 
 
 _decode_fields = msgspec.json.Decoder(_Fields).decode
@@ -121,11 +121,18 @@ def _session_id(raw: bytes) -> str:
         raise Undecodable(f"the session id {text!r} is not 1..64 chars of [A-Za-z0-9_-]") from None
 
 
-def _field_session_id(value: object) -> str:
+def _field_session_id(raw: msgspec.Raw) -> str | None:
+    """The ``session_id`` field, decoded only now that it decides (``null``: none)."""
     try:
-        return str(msgspec.convert(value, SessionId))
+        value: str | None = _decode_session_field(raw)
     except msgspec.ValidationError as exc:
         raise Undecodable(f"invalid event: {exc} - at `$.session_id`") from None
+    except RecursionError:
+        raise Undecodable(f"invalid event: the session_id field is {_TOO_DEEP}") from None
+    return value
+
+
+_decode_session_field = msgspec.json.Decoder(SessionId | None).decode
 
 
 def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str, int]:
@@ -147,8 +154,8 @@ def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str,
         header = next((v for k, v in headers if k == SESSION_HEADER), None)
         if header:
             return _session_id(header), fields.offset
-    if fields.session_id is not None:
-        return _field_session_id(fields.session_id), fields.offset
+    if fields.session_id and (session_id := _field_session_id(fields.session_id)) is not None:
+        return session_id, fields.offset
     raise Undecodable("no session id: no message key, session_id header or field")
 
 
