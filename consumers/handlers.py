@@ -14,7 +14,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from consumers.messages import Message
+from consumers.messages import Message, Undecodable
 from tracker.errors import InvalidInputError
 
 Handler = Callable[[Message], Awaitable[None] | None]
@@ -103,6 +103,8 @@ class Attempts:
                 attempt += 1
                 if stopping.wait(delay):
                     raise Interrupted from None
+            except Undecodable as exc:  # message.event: the message's fault, not the handler's
+                return str(exc)
             except (SystemExit, KeyboardInterrupt):
                 raise  # the handler asks the worker to stop: not the message's fault
             except BaseException as exc:  # any other failure (CancelledError too): a dead letter

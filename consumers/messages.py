@@ -37,10 +37,12 @@ decode_record = msgspec.msgpack.Decoder(StreamRecord).decode
 
 
 class _Fields(Struct, gc=False):
-    """The two fields the worker reads; every other field is skipped unread."""
+    """The two fields the worker reads; every other field is skipped unread. The
+    ``session_id`` field is checked only when it is used (no key, no header): a message
+    keyed by its session is never refused for a field it does not need."""
 
     offset: Offset
-    session_id: SessionId | None = None
+    session_id: msgspec.Raw = msgspec.Raw()
 
 
 _decode_fields = msgspec.json.Decoder(_Fields).decode
@@ -91,7 +93,13 @@ class Message:
 
     @functools.cached_property
     def event(self) -> dict[str, Any]:
-        decoded: dict[str, Any] = _decode_json(self.value)
+        """The whole event. Raises :class:`Undecodable` (the message becomes a dead letter
+        with that reason, as any undecodable one) for a value the worker skipped unread but
+        that cannot be decoded, such as ``1e999``."""
+        try:
+            decoded: dict[str, Any] = _decode_json(self.value)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise Undecodable(f"not a JSON event: {exc}") from None
         return decoded
 
     def __repr__(self) -> str:
@@ -113,6 +121,20 @@ def _session_id(raw: bytes) -> str:
         raise Undecodable(f"the session id {text!r} is not 1..64 chars of [A-Za-z0-9_-]") from None
 
 
+def _field_session_id(raw: msgspec.Raw) -> str | None:
+    """The ``session_id`` field, decoded only now that it decides (``null``: none)."""
+    try:
+        value: str | None = _decode_session_field(raw)
+    except msgspec.ValidationError as exc:
+        raise Undecodable(f"invalid event: {exc} - at `$.session_id`") from None
+    except RecursionError:
+        raise Undecodable(f"invalid event: the session_id field is {_TOO_DEEP}") from None
+    return value
+
+
+_decode_session_field = msgspec.json.Decoder(SessionId | None).decode
+
+
 def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str, int]:
     """The message's session id and offset, or :class:`Undecodable` saying why not.
 
@@ -132,8 +154,8 @@ def message_ids(key: bytes | None, value: bytes, headers: Headers) -> tuple[str,
         header = next((v for k, v in headers if k == SESSION_HEADER), None)
         if header:
             return _session_id(header), fields.offset
-    if fields.session_id is not None:
-        return fields.session_id, fields.offset
+    if fields.session_id and (session_id := _field_session_id(fields.session_id)) is not None:
+        return session_id, fields.offset
     raise Undecodable("no session id: no message key, session_id header or field")
 
 

@@ -87,13 +87,17 @@ class Reader:
         """
         if not isinstance(cast(object, session_id), str):
             checked(session_id, SessionId, "session_id")
-        for _ in range(3):
-            store = self._store()
-            partition = partition_for(session_id, store.keys.partitions)
-            state, generation = store.get_in_generation(partition, session_id)
-            if generation == str(store.keys.generation):
-                break
-            self._rebound()
+        try:
+            for _ in range(3):
+                store = self._store()
+                partition = partition_for(session_id, store.keys.partitions)
+                state, generation = store.get_in_generation(partition, session_id)
+                if generation == str(store.keys.generation):
+                    break
+                self._rebound()
+        except UnicodeEncodeError:  # a lone surrogate (bytes in argv that were not UTF-8)
+            checked(session_id, SessionId, "session_id")
+            raise
         if state is None:
             checked(session_id, SessionId, "session_id")
         return state
@@ -106,13 +110,17 @@ class Reader:
         """
         if not isinstance(cast(object, session_id), str):
             checked(session_id, SessionId, "session_id")
-        for _ in range(3):
-            store = self._store()
-            partition = partition_for(session_id, store.keys.partitions)
-            state, generation, token = store.get_one_with_checkpoint(partition, session_id)
-            if store.is_current(generation, token):
-                break
-            self._rebound()
+        try:
+            for _ in range(3):
+                store = self._store()
+                partition = partition_for(session_id, store.keys.partitions)
+                state, generation, token = store.get_one_with_checkpoint(partition, session_id)
+                if store.is_current(generation, token):
+                    break
+                self._rebound()
+        except UnicodeEncodeError:  # as in session_state
+            checked(session_id, SessionId, "session_id")
+            raise
         if state is None:
             checked(session_id, SessionId, "session_id")
         if token == RETIRED:  # replaced three times over: read the position the slow way

@@ -114,8 +114,8 @@ def decode_body(body: bytes, kind: type[T]) -> T:
             kind_name = "value_error"
         try:
             raw = msgspec.json.decode(body)
-        except RecursionError:  # the value that failed is nested too deeply to show
-            raw = None
+        except (RecursionError, msgspec.DecodeError):  # nested too deeply, or a number
+            raw = None  # out of range (1e999): the value that failed cannot be shown
         raise BodyError(
             [{"type": kind_name, "loc": loc, "msg": message, "input": _value_at(raw, loc)}]
         ) from None
