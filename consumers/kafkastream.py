@@ -349,5 +349,8 @@ def produce_messages(
             f"Kafka at {bootstrap}: sending to {topic} failed after {count} messages: {exc}"
         ) from exc
     finally:
-        producer.close(timeout=timeout)
+        try:
+            producer.close(timeout=timeout)
+        except kafka_errors.KafkaError as exc:  # a broker gone: what was acknowledged is counted
+            log.warning("closing the producer to %s: %s", topic, exc)
     return count
