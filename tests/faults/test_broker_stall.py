@@ -19,11 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from kafka import KafkaAdminClient
 
 from tests.apiserver import AGENT, Server, served
 from tests.conftest import PrivateKafka
 from tests.faults.report import Figures
 from tests.faults.world import (
+    BAD_SESSION,
     Feeder,
     World,
     acknowledged,
@@ -33,6 +35,7 @@ from tests.faults.world import (
     projected,
     pure_fold,
 )
+from tests.test_workers_kafka import read_topic
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,6 +48,7 @@ PARTITIONS = 4
 SESSIONS = 100
 MESSAGES = 20_000
 API_SESSIONS = 20
+STREAM = "stall.stream"
 
 
 class ApiLoad:
@@ -56,6 +60,7 @@ class ApiLoad:
         self.sessions = [f"api{n:04d}" for n in range(API_SESSIONS)]
         self.acked: dict[str, int] = {}
         self.acks = 0
+        self.slowest = 0.0
         self.statuses: dict[int, int] = {}
         self.errors: list[str] = []
         self.refusals: list[str] = []
@@ -79,6 +84,7 @@ class ApiLoad:
         while not self._stop.is_set():
             sid = rng.choice(self.sessions)
             offset = self._next[sid]
+            started = time.monotonic()
             try:
                 if rng.random() < 0.5:
                     response = self.client.patch(
@@ -94,6 +100,7 @@ class ApiLoad:
                 self.errors.append(f"{type(error).__name__}: {error}")
                 self._stop.wait(0.2)
                 continue
+            self.slowest = max(self.slowest, time.monotonic() - started)
             self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
             if response.status_code == 503:
                 self.refusals.append(response.text)
@@ -111,6 +118,37 @@ def readyz(server: Server, details: list[str] | None = None) -> tuple[int, float
     if details is not None and response.status_code == 503:
         details.append(response.json()["detail"])
     return response.status_code, time.monotonic() - started
+
+
+def stream_of(bootstrap: str, feeder: Feeder) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    """Per partition of the stream, the offset after its last message (read: Tansu's
+    ``end_offsets`` is not the high watermark); and where its undecodable messages are."""
+    ends: dict[int, int] = {}
+    bad: set[tuple[int, int]] = set()
+    count = feeder.appended + feeder.bad_appended
+    for record in read_topic(bootstrap, STREAM, count, linger=1.0):
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+        if record.key == BAD_SESSION.encode():
+            bad.add((record.partition, record.offset))
+    return ends, bad
+
+
+def dead_lettered(bootstrap: str, count: int) -> set[tuple[int, int]]:
+    """The stream positions the dead letters name."""
+    found = set()
+    for record in read_topic(bootstrap, f"{STREAM}.dlq", count, linger=1.0):
+        headers = {key: value.decode() for key, value in record.headers}
+        found.add((int(headers["dlq.partition"]), int(headers["dlq.offset"])))
+    return found
+
+
+def group_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="stall-test")
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    finally:
+        admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
 
 @pytest.fixture
@@ -135,14 +173,14 @@ def test_a_stalled_broker_under_load(
         event_topic="stall.events", partitions=PARTITIONS, TRACKER_KAFKA_TIMEOUT=KAFKA_TIMEOUT,
     )  # fmt: skip
     feeder = Feeder(MESSAGES, SESSIONS, chunk=100, pause=0.05,
-                    bootstrap=private_kafka.bootstrap, topic="stall.stream",
-                    partitions=PARTITIONS)  # fmt: skip
+                    bootstrap=private_kafka.bootstrap, topic=STREAM,
+                    partitions=PARTITIONS, bad=True)  # fmt: skip
     load = ApiLoad(server)
     try:
         feeder.start()
         world.wait_for(lambda: feeder.appended > 0, "the first messages in the stream")
         projector = world.start("project", "project", "--report-every", "2")
-        worker = world.start("worker", "worker", "--stream", "stall.stream",
+        worker = world.start("worker", "worker", "--stream", STREAM,
                              "--consumer", "notifier", "--report-every", "1")  # fmt: skip
         running = [projector, worker]
         load.create()
@@ -186,6 +224,13 @@ def test_a_stalled_broker_under_load(
             world.wait_for(lambda: caught_up(view, log_ends(view)), "the projection to catch up",
                            running=running)  # fmt: skip
             alive = [p.alive for p in running] + [server.process.poll() is None]
+            stream_ends, bad = stream_of(private_kafka.bootstrap, feeder)
+            world.wait_for(
+                lambda: group_offsets(private_kafka.bootstrap, "notifier") == stream_ends,
+                "the worker to commit the end of the stream", running=running,
+            )  # fmt: skip
+            committed = group_offsets(private_kafka.bootstrap, "notifier")
+            letters = dead_lettered(private_kafka.bootstrap, len(bad))
             logs = {p.name: p.output() for p in running}
             logs["serve"] = server.log.read_text(errors="replace")
             assert [p.terminate() for p in running] == [0, 0], world.tails()
@@ -196,8 +241,10 @@ def test_a_stalled_broker_under_load(
         world.stop_all()
     assert alive == [True, True, True]
     assert states == fold, "Redis differs from the pure fold of the log"
-    lost = missing(commits, states) + sum(
-        states[sid].offsets.get("client", -1) < offset for sid, offset in load.acked.items()
+    lost = (
+        missing(commits, states)
+        + sum(states[sid].offsets.get("client", -1) < offset for sid, offset in load.acked.items())
+        + len(bad - letters)
     )
     assert lost == 0
     slow = [(code, round(took, 2)) for code, took in during if took > READY_BOUND]
@@ -206,10 +253,14 @@ def test_a_stalled_broker_under_load(
     assert set(load.statuses) <= {200, 503}, load.statuses
     assert not load.errors, load.errors[:3]
     assert details and all("did not answer" in detail for detail in details), details
-    assert load.refusals and all("did not answer" in r for r in load.refusals), load.refusals
-    for name in ("worker", "project"):
-        said = [line for line in logs[name].splitlines() if "did not answer" in line]
+    # a commit waits up to TRACKER_KAFKA_TIMEOUT (10 s) for the broker, then answers 503
+    assert all("did not answer" in refusal for refusal in load.refusals), load.refusals
+    for name, again in (("worker", "flushing works again"), ("project", "projecting again")):
+        lines = logs[name].splitlines()
+        said = [n for n, line in enumerate(lines) if "did not answer" in line and "retry" in line]
         assert said, f"{name} said nothing of the stall:\n{logs[name][-3000:]}"
+        assert any(again in line for line in lines[said[-1] :]), f"{name} never said it recovered"
+    assert committed == stream_ends, "the worker's group did not commit the end of the stream"
     verified = world.run("verify")
     assert verified.returncode == 0 and verified.stdout.strip().endswith("verify: 0 differences")
 
@@ -224,10 +275,13 @@ def test_a_stalled_broker_under_load(
     fault_report.detail = {
         "stall_seconds": round(stall, 1),
         "messages": feeder.appended,
+        "undecodable_messages": len(bad),
+        "dead_letters": len(letters),
         "api_commits_acknowledged": load.acks,
         "log_commits": len(commits),
         "api_answers": sum(load.statuses.values()),
         "api_503": load.statuses.get(503, 0),
+        "api_slowest_s": round(load.slowest, 2),
         "readyz_during": len(during),
         "readyz_503_during": sum(code == 503 for code, _ in during),
         "readyz_slowest_s": round(max(took for _, took in during), 2),

@@ -31,6 +31,8 @@ from tracker.events import OffsetCommitted, Position
 from tracker.fold import SessionState, fold_all, visible
 
 REPO = Path(__file__).resolve().parents[2]
+BAD_SESSION = "undecodable"
+"""The key of the :class:`Feeder`'s undecodable messages."""
 GROUP_MS = "6000"
 """Kafka group timeouts of the workers: a Tansu join takes ~3 s with them (DESIGN.md)."""
 
@@ -178,7 +180,8 @@ class World:
                 assert time.monotonic() < deadline, f"no event log after 60 s\n{self.tails()}"
                 time.sleep(0.2)
         with tracker:
-            tracker.self_projecting = False  # reads only: never rebuild what the test checks
+            # reads only: never rebuild (nor project) what the test checks
+            tracker.self_projecting, tracker.reader.on_lost = False, None
             yield tracker
 
 
@@ -188,7 +191,10 @@ def _say(what: str | Callable[[], str]) -> str:
 
 class Feeder:
     """Appends ``total`` synthetic messages over ``sessions`` to a stream from a thread,
-    ``chunk`` at a time every ``pause`` seconds (a file stream dir, or a Kafka topic)."""
+    ``chunk`` at a time every ``pause`` seconds (a file stream dir, or a Kafka topic),
+    or fewer if :meth:`stop` is called first. With ``bad``, each chunk also carries one
+    message no worker can decode (not JSON), for the dead-letter stream; ``appended``
+    counts the good ones only."""
 
     def __init__(
         self,
@@ -201,8 +207,11 @@ class Feeder:
         bootstrap: str | None = None,
         topic: str | None = None,
         partitions: int = 1,
+        bad: bool = False,
     ) -> None:
         self.total = total
+        self.bad = bad
+        self.bad_appended = 0
         self.sessions = sessions
         self.chunk = chunk
         self.pause = pause
@@ -221,10 +230,13 @@ class Feeder:
 
     def _run(self) -> None:
         chunks = synthetic_messages(self.total, self.sessions, chunk=self.chunk)
+        extra = [(BAD_SESSION, b"{not json")] if self.bad else []
         if self.stream_dir is not None:
             with open_stream_log(self.stream_dir, create=True, fsync=False) as log:
                 for chunk in chunks:
-                    self.appended += append_messages(log, [chunk])
+                    append_messages(log, [chunk + extra])
+                    self.appended += len(chunk)
+                    self.bad_appended += len(extra)
                     if self._stop.wait(self.pause):
                         return
             return
@@ -232,10 +244,12 @@ class Feeder:
         for chunk in chunks:
             while True:  # a stalled broker: send the chunk again (a resend is harmless)
                 try:
-                    self.appended += produce_messages(
-                        self.bootstrap, self.topic, [chunk], partitions=self.partitions,
+                    produce_messages(
+                        self.bootstrap, self.topic, [chunk + extra], partitions=self.partitions,
                         timeout=5.0,
                     )  # fmt: skip
+                    self.appended += len(chunk)
+                    self.bad_appended += len(extra)
                     break
                 except TrackerError as error:
                     self.errors.append(str(error))
