@@ -21,6 +21,8 @@ import pytest
 import redis
 from kafka import KafkaAdminClient
 
+from consumers.kafkastream import KafkaStream, ensure_topic
+from consumers.streams import DeadLetter
 from tests.apiserver import AGENT, Server, served
 from tests.conftest import PrivateKafka
 from tests.faults.report import Figures
@@ -36,6 +38,7 @@ from tests.faults.world import (
     pure_fold,
 )
 from tests.test_workers_kafka import read_topic
+from tracker.errors import TrackerError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -287,3 +290,33 @@ def test_a_stalled_broker_under_load(
         "readyz_slowest_s": round(max(took for _, took in during), 2),
         "readyz_200_after_s": round(recovered, 2),
     }
+
+
+def test_dead_letters_to_a_stalled_broker_fail_retriably(
+    private_kafka: PrivateKafka, fault_report: Figures
+) -> None:
+    """The worker retries a flush that fails with a retriable TrackerError; any other
+    exception ends it. Writing dead letters while the broker is frozen must be the former."""
+    bootstrap = private_kafka.bootstrap
+    ensure_topic(bootstrap, "dead.stream", 1, timeout=10)
+    stream = KafkaStream(bootstrap, "dead.stream", "notifier", timeout=2.0)
+    letter = DeadLetter(0, 7, b"s1", b"{not json", [], "not a JSON event")
+    try:
+        stream.dead_letter([letter], "notifier")  # the producer and the topic exist now
+        private_kafka.pause()
+        started = time.monotonic()
+        try:
+            with pytest.raises(TrackerError) as raised:
+                stream.dead_letter([letter], "notifier")
+        finally:
+            private_kafka.resume()
+        took = time.monotonic() - started
+        assert raised.value.retriable, raised.value
+        assert bootstrap in str(raised.value), raised.value
+        stream.dead_letter([letter], "notifier")  # and works again once it is back
+    finally:
+        stream.close()
+    fault_report.fault = "SIGSTOP of the broker while dead letters are written"
+    fault_report.injected = fault_report.survived = 1
+    fault_report.checked = "a retriable error (the worker backs off and retries), no crash"
+    fault_report.detail = {"seconds_to_fail": round(took, 2)}
