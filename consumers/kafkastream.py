@@ -255,14 +255,15 @@ class KafkaStream:
             )
             for letter in letters
         ]
-        producer.flush(timeout=self.timeout)
-        for future in futures:
-            try:
+        try:
+            producer.flush(timeout=self.timeout)
+            for future in futures:
                 future.get(timeout=self.timeout)
-            except kafka_errors.KafkaError as exc:
-                raise LogUnavailableError(
-                    f"writing dead letters to {self.dlq_topic} failed: {exc}; retrying"
-                ) from exc
+        except kafka_errors.KafkaError as exc:  # a timeout too: a stalled broker
+            raise LogUnavailableError(
+                f"writing dead letters to {self.dlq_topic} on Kafka at {self.bootstrap} "
+                f"failed: {exc}; retrying"
+            ) from exc
 
     def lag(self) -> int | None:
         total = 0
@@ -349,5 +350,8 @@ def produce_messages(
             f"Kafka at {bootstrap}: sending to {topic} failed after {count} messages: {exc}"
         ) from exc
     finally:
-        producer.close(timeout=timeout)
+        try:
+            producer.close(timeout=timeout)
+        except kafka_errors.KafkaError as exc:  # a broker gone: what was acknowledged is counted
+            log.warning("closing the producer to %s: %s", topic, exc)
     return count

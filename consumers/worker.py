@@ -364,10 +364,19 @@ class Worker:
         except TrackerError as exc:
             self._flush_failed(exc)
             return
-        self._flush_failures = 0
+        self._flushed_again()
         positions = self._take_acked()
         if positions:
             self.stream.commit(positions)
+
+    def _flushed_again(self) -> None:
+        if self._flush_failures:
+            log.warning(
+                "%s: flushing works again after %d failed attempts",
+                self.stream.description,
+                self._flush_failures,
+            )
+            self._flush_failures = 0
 
     def _flush_failed(self, exc: TrackerError) -> None:
         if not exc.retriable:
@@ -391,7 +400,7 @@ class Worker:
         except TrackerError as exc:
             self._flush_failed(exc)
             return
-        self._flush_failures = 0
+        self._flushed_again()
         if positions:
             self.stream.commit(positions)
 

@@ -37,6 +37,9 @@ BATCH_RECORDS = 1_000_000
 READ_RECORDS = 50_000
 PROMOTION_WAIT = 5.0
 """Seconds a projector bound to a retired generation waits for the replay to promote."""
+MAX_RETRY_SECONDS = 5.0
+"""The longest wait of a long-running projector between attempts while Redis or the log
+does not answer."""
 MAX_SESSIONS = 100_000
 """A batch also ends once it has deltas for this many sessions, to bound memory."""
 
@@ -146,6 +149,11 @@ class Projector:
         with self._mutex:
             if target.refresh() and (replace is None or target.store.keys.generation != replace):
                 return False
+            if replace is None and target.meta is not None:
+                log.warning(
+                    "Redis lost the projection (flushed, or restarted empty): rebuilding it "
+                    "from the log"
+                )
             store = target.begin(self.log.partitions)
             try:
                 Projector(self.log, store, chunk_sessions=self.chunk_sessions).catch_up()
@@ -287,6 +295,9 @@ class Tailer:
     out, a broker that does not rebalance): a partition that lags and whose checkpoint
     has not moved for ``takeover_seconds`` is applied by this process too. The fence
     makes that safe whoever else works on it.
+
+    Redis restarting or the brokers stalling never ends it: it logs, backs off and goes
+    on (see :meth:`run`); a Redis that came back empty is rebuilt from the log.
     """
 
     def __init__(
@@ -298,8 +309,10 @@ class Tailer:
         report: Callable[[], None] | None = None,
         report_seconds: float = 10.0,
         takeover_seconds: float = 10.0,
+        retry_seconds: float = 0.2,
     ) -> None:
         self.projector = projector
+        self.retry_seconds = retry_seconds
         self.partitions = partitions
         self.idle_seconds = idle_seconds
         self.report = report
@@ -313,23 +326,42 @@ class Tailer:
 
         ``once`` applies every partition, not only the group's share: a one-off catch-up
         should not wait for a group to assign it work (the fence keeps it safe).
+
+        A retriable failure (Redis or the brokers not answering) is logged and retried
+        with a backoff doubling from ``retry_seconds`` up to ``MAX_RETRY_SECONDS``; the
+        first round that works again says so. Only ``once`` gives up, raising it.
         """
-        self.projector.ensure_projection()
         everything = set(range(self.projector.log.partitions))
-        applied = 0
+        applied = failures = 0
         now = time.monotonic()
         next_report = now + self.report_seconds
         next_watch = now + self.takeover_seconds / 4
+        started = False
         while not self.stop.is_set():
-            mine = everything if once else set(self.partitions())
-            if not once and time.monotonic() >= next_watch:
-                mine |= self._stalled(mine)
-                next_watch = time.monotonic() + self.takeover_seconds / 4
-            done = sum(self.projector.catch_up_partition(p, batches=1) for p in sorted(mine))
+            try:
+                if not started:
+                    self.projector.ensure_projection()
+                    started = True
+                mine = everything if once else set(self.partitions())
+                if not once and time.monotonic() >= next_watch:
+                    mine |= self._stalled(mine)
+                    next_watch = time.monotonic() + self.takeover_seconds / 4
+                done = sum(self.projector.catch_up_partition(p, batches=1) for p in sorted(mine))
+                if self.report is not None and (once or time.monotonic() >= next_report):
+                    self.report()
+                    next_report = time.monotonic() + self.report_seconds
+            except TrackerError as error:
+                if once or not error.retriable:
+                    raise
+                failures += 1
+                delay = min(self.retry_seconds * 2 ** (failures - 1), MAX_RETRY_SECONDS)
+                log.warning("projecting failed (%s); retrying in %.1f s", error, delay)
+                self.stop.wait(delay)
+                continue
+            if failures:
+                log.warning("projecting again after %d failed attempts", failures)
+                failures = 0
             applied += done
-            if self.report is not None and (once or time.monotonic() >= next_report):
-                self.report()
-                next_report = time.monotonic() + self.report_seconds
             if once and not done:
                 break
             if not done:

@@ -10,6 +10,7 @@ may open the same data dir.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,9 @@ from tracker.writer import Writer
 
 log = logging.getLogger("tracker")
 
+PROMOTION_TRIES = 20
+"""Times an opening process checks the projection again when a newer generation replaced
+the one it bound to meanwhile (others starting at once, or a replay)."""
 TAIL_BATCH_RECORDS = 100_000
 """Records per batch of ``tracker project``: small enough to poll the group often."""
 
@@ -207,15 +211,28 @@ class Tracker(Commands):
             if catch_up:
                 self.projector.ensure_projection()
             return
+        for _ in range(PROMOTION_TRIES):
+            try:
+                self._foreign = self._cut_log(generations.store)
+                return
+            except GenerationRetiredError:
+                # processes starting together each built a projection, or a replay runs:
+                # a newer generation replaced the one just bound; check that one
+                time.sleep(0.05)
+                generations.refresh()
+
+    def _cut_log(self, store: SnapshotStore) -> str | None:
+        """Why the projection is ahead of the log (the log was replaced or cut), if it is."""
         for partition in range(self._log.partitions):
-            applied = generations.store.applied(partition)
+            applied = store.applied(partition)
             end = self._log.end(partition)
             if applied is not None and (end is None or applied > end):
-                self._foreign = (
+                return (
                     f"partition {partition}: Redis has applied up to {applied.token()} but the "
                     f"log ends at {end.token() if end else 'nothing'}; the log was replaced or "
                     "cut: run `tracker replay --force` to rebuild the projection from it"
                 )
+        return None
 
     def _rebuild_lost(self) -> None:
         """Redis holds no projection (it restarted empty): rebuild it from the log."""

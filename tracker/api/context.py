@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from litestar import Request
 from tracker.api.auth import Auth
 from tracker.service import Tracker
 from tracker.settings import Settings
+from tracker.status import Status
 
 T = TypeVar("T")
 
@@ -25,6 +27,21 @@ class Api:
     wait_seconds: float = 5.0
     """How long a read with ``?min_position=`` waits before answering 503."""
     tracker_: Tracker | None = field(default=None, repr=False)
+    _check: asyncio.Future[Status] | None = field(default=None, repr=False)
+
+    def readiness(self) -> asyncio.Future[Status]:
+        """Redis pinged and the log's status read, on a thread: the check in flight if
+        there is one (a frozen broker holds it up to the log's timeout; ``/readyz``
+        callers wait for it only briefly and never start a pile of them)."""
+        if self._check is None or self._check.done():
+
+            def check() -> Status:
+                self.tracker.client.ping()
+                return self.tracker.status()
+
+            self._check = asyncio.ensure_future(blocking(check))
+            self._check.add_done_callback(_retrieve)
+        return self._check
 
     @property
     def tracker(self) -> Tracker:
@@ -39,6 +56,12 @@ class Api:
         if self.tracker_ is not None:
             self.tracker_.close()
             self.tracker_ = None
+
+
+def _retrieve(done: asyncio.Future[Status]) -> None:
+    """Take a finished check's exception: its waiters may all have given up on it."""
+    if not done.cancelled():
+        done.exception()
 
 
 def api_of(request: Request[Any, Any, Any]) -> Api:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from litestar import Request, Response, get
 
-from tracker.api.context import api_of, blocking
-from tracker.status import Status
+from tracker.api.context import api_of
+
+READY_SECONDS = 2.0
+"""How long ``/readyz`` waits for Redis and the log before it answers 503."""
 
 
 @get("/healthz", sync_to_thread=False)
@@ -20,17 +23,16 @@ def healthz() -> dict[str, str]:
 async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """Redis and the event log answer; the body shows the projector's lag per partition.
 
-    503 when either cannot be reached (lag alone does not make the server unready: with
-    Kafka, separate projectors catch up).
+    503 when either cannot be reached, or does not answer within ``READY_SECONDS`` (a
+    frozen broker or Redis: the check never hangs for the log's own timeout). Lag alone
+    does not make the server unready: with Kafka, separate projectors catch up.
     """
     api = api_of(request)
-
-    def run() -> Status:
-        api.tracker.client.ping()
-        return api.tracker.status()
-
     try:
-        status = await blocking(run)
+        status = await asyncio.wait_for(asyncio.shield(api.readiness()), READY_SECONDS)
+    except TimeoutError:
+        detail = f"Redis or the event log did not answer within {READY_SECONDS:g} s"
+        return Response({"status": "unavailable", "detail": detail}, status_code=503)
     except Exception as error:  # TrackerErrors, and redis-py's own errors
         return Response({"status": "unavailable", "detail": str(error)}, status_code=503)
     body = {
