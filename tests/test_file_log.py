@@ -323,6 +323,41 @@ def test_a_flipped_byte_in_a_middle_frame_of_the_last_segment_is_refused(log_dir
     assert len(segment.read_bytes()) == len(data)
 
 
+@pytest.mark.parametrize("byte", [8, 9, 10, 11], ids=["len0", "len1", "len2", "len3"])
+def test_a_flipped_length_in_a_middle_frame_of_the_last_segment_is_refused(
+    log_dir: Path, byte: int
+) -> None:
+    """A length made larger runs past the end of the file like a torn write, but the
+    frames after it are still there: cutting there would drop acknowledged appends."""
+    write_three(log_dir)
+    (segment,) = segments(log_dir)
+    data = segment.read_bytes()
+    second = data.index(b"TRKF", 1)
+    flip(segment, second + byte)
+    with pytest.raises(LogCorruptError, match="damaged in the middle") as info:
+        FileLog(log_dir)
+    assert f"{segment}: " in str(info.value)
+    assert f"at byte {second} " in str(info.value)
+    assert len(segment.read_bytes()) == len(data), "nothing was cut"
+
+
+def test_a_longer_length_that_still_fits_is_refused(log_dir: Path) -> None:
+    """The length grows past the next frame but not past the end: the frames after the
+    damaged one are not where its length says, yet they are found."""
+    with FileLog(log_dir) as log:
+        log.append(0, records(0, 3))
+        log.append(0, records(3, 3))
+        log.append(0, [b"y"])  # 28 bytes: all inside the 64 the length grew by
+        log.append(0, [b"x" * 100])  # starts inside them, ends after
+    (segment,) = segments(log_dir)
+    data = segment.read_bytes()
+    second = data.index(b"TRKF", 1)
+    flip(segment, second + 8)  # the length's low byte: 0x40 more
+    with pytest.raises(LogCorruptError, match="damaged in the middle"):
+        FileLog(log_dir)
+    assert segment.read_bytes()[:second] == data[:second]
+
+
 def test_a_flipped_byte_in_an_earlier_segment_fails_the_read(log_dir: Path) -> None:
     with FileLog(log_dir, segment_bytes=100) as log:
         for i in range(6):
