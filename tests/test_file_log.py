@@ -374,6 +374,33 @@ def test_a_flipped_byte_in_an_earlier_segment_fails_the_read(log_dir: Path) -> N
         assert read_all(log, Position(0, 0, 2)) == records(3, 15)
 
 
+@pytest.mark.parametrize("which", [0, -1], ids=["first-frame", "last-frame"])
+def test_a_shorter_length_in_a_sealed_segment_is_placed_at_its_frame(
+    log_dir: Path, which: int
+) -> None:
+    """Sealed segments are opened without CRCs; a wrong length then leads the scan into
+    the payload, yet the error names the byte of the damaged frame."""
+    with FileLog(log_dir, segment_bytes=200) as log:
+        for i in range(12):
+            log.append(0, records(3 * i, 3))
+    first = segments(log_dir)[0]
+    data = first.read_bytes()
+    starts = [0]
+    while (end := starts[-1] + HEADER.size + HEADER.unpack_from(data, starts[-1])[2]) < len(data):
+        starts.append(end)
+    assert len(starts) >= 3 and len(segments(log_dir)) >= 2
+    start = starts[which]
+    length = HEADER.unpack_from(data, start)[2]
+    bit = next(b for b in range(2, 8) if length & (1 << b))
+    changed = bytearray(data)
+    changed[start + 8] ^= 1 << bit  # a shorter length: it now ends inside its payload
+    first.write_bytes(bytes(changed))
+    with pytest.raises(LogCorruptError) as info:
+        FileLog(log_dir)
+    assert str(info.value).startswith(f"{first}: a CRC mismatch at byte {start}")
+    assert not str(info.value)[len(f"{first}: a CRC mismatch at byte {start}")].isdigit()
+
+
 def test_a_missing_segment_is_refused_on_open(log_dir: Path) -> None:
     with FileLog(log_dir, segment_bytes=100) as log:
         for i in range(6):

@@ -118,9 +118,10 @@ def _walk(
     while pos < size:
         checked = check_frame(data, pos, size, number)
         if isinstance(checked, str):
-            if group:  # the frames before the bad one never had their append completed
-                group, group_number = [], number
             resumed = resumes_after(data, pos, size, number)
+            if resumed is None and last and group:  # the append cut short starts earlier
+                pos, number = group[0][0], group_number
+            group = []  # the frames before the bad one never had their append completed
             if resumed is None:
                 kind = TORN_TAIL if last else _kind(checked, tail=False)
                 detail = (

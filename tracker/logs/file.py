@@ -146,16 +146,20 @@ class FileLog:
                 raise LogCorruptError(f"{path}: not a segment name") from None
             if base != expected:
                 raise LogCorruptError(
-                    f"{path}: starts at frame {base} but frame {expected} was expected "
-                    "(a segment is missing)"
+                    f"{path}: starts at frame {base} but frame {expected} was expected at "
+                    "byte 0 (a segment is missing); restore it from a backup "
+                    "(tracker log check lists the damage)"
                 )
             segment = Segment(path, base)
             last = i == len(paths) - 1
             scan = self._index(segment, crc=last)
             if scan.problem is not None and not last:
+                # without CRCs a bad length is followed; with them the damage is placed
+                scan, _ = scan_segment(path, 0, base, crc=True)
                 raise LogCorruptError(
                     f"{path}: {scan.problem} at byte {scan.stopped_at}, in a sealed segment; "
-                    "the log is damaged in the middle, restore this segment from a backup"
+                    "the log is damaged in the middle, restore this segment from a backup "
+                    "(tracker log check lists the damage)"
                 )
             self._add_segment(segment)
             expected = base + segment.frames
@@ -433,7 +437,8 @@ class FileLog:
         if len(payload) != length or crc32c(payload, crc32c(header[8:])) != crc:
             raise LogCorruptError(
                 f"{segment.path}: frame {number} at byte {pos} fails its CRC check; "
-                "the log is damaged, restore this segment from a backup"
+                "the log is damaged, restore this segment from a backup "
+                "(tracker log check lists the damage)"
             )
         return decode_records(payload)
 

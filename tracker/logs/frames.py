@@ -166,6 +166,7 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
     """Index the complete groups of frames in ``path`` from byte ``start``; and its size."""
     result = Scan()
     result.end = result.stopped_at = start
+    first = number
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size <= start:
@@ -190,6 +191,8 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
                     pending = []
             result.stopped_at = pos
             if result.problem is not None and resumes_after(data, pos, size, number):
+                if not crc:  # a bad length may have been followed: place the damage by CRC
+                    return scan_segment(path, start, first, crc=True)
                 if result.problem.startswith("a torn frame"):
                     result.problem = "a bad frame length (it runs past the end)"
                 raise LogCorruptError(
