@@ -401,6 +401,36 @@ def test_a_shorter_length_in_a_sealed_segment_is_placed_at_its_frame(
     assert not str(info.value)[len(f"{first}: a CRC mismatch at byte {start}")].isdigit()
 
 
+def test_a_record_count_flipped_to_zero_is_not_skipped(log_dir: Path) -> None:
+    """The count is under the CRC, but a sealed segment is indexed without CRCs: a frame
+    whose count reads 0 must still be read (and fail), not skipped as empty."""
+    with FileLog(log_dir, segment_bytes=100) as log:
+        for i in range(6):
+            log.append(0, records(i, 1))
+    first = segments(log_dir)[0]
+    data = bytearray(first.read_bytes())
+    data[20] ^= 1  # frame 0's count: 1 -> 0
+    first.write_bytes(bytes(data))
+    with FileLog(log_dir) as log, pytest.raises(LogCorruptError, match="at byte 0 fails its CRC"):
+        read_all(log)
+
+
+def test_an_unfinished_append_in_a_sealed_segment_is_placed_at_its_start(log_dir: Path) -> None:
+    """A last frame whose marker says "more follows" (``TRKF`` -> ``TRKG``): the error
+    names where that append starts."""
+    with FileLog(log_dir, segment_bytes=100, max_frame_records=2) as log:
+        for i in range(4):
+            log.append(0, records(4 * i, 4))  # two frames each
+    first = segments(log_dir)[0]
+    data = bytearray(first.read_bytes())
+    last = data.rindex(b"TRKF")
+    group = data.rindex(b"TRKG", 0, last)
+    data[last + 3] ^= 1  # F -> G
+    first.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptError, match=f"unfinished append of 2 frames at byte {group},"):
+        FileLog(log_dir)
+
+
 def test_a_missing_segment_is_refused_on_open(log_dir: Path) -> None:
     with FileLog(log_dir, segment_bytes=100) as log:
         for i in range(6):

@@ -202,4 +202,5 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
                 )
             if result.problem is None and pending:
                 result.problem = f"an unfinished append of {len(pending)} frames"
+                result.stopped_at = pending[0][0]
     return result, size
