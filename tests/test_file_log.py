@@ -323,6 +323,41 @@ def test_a_flipped_byte_in_a_middle_frame_of_the_last_segment_is_refused(log_dir
     assert len(segment.read_bytes()) == len(data)
 
 
+@pytest.mark.parametrize("byte", [8, 9, 10, 11], ids=["len0", "len1", "len2", "len3"])
+def test_a_flipped_length_in_a_middle_frame_of_the_last_segment_is_refused(
+    log_dir: Path, byte: int
+) -> None:
+    """A length made larger runs past the end of the file like a torn write, but the
+    frames after it are still there: cutting there would drop acknowledged appends."""
+    write_three(log_dir)
+    (segment,) = segments(log_dir)
+    data = segment.read_bytes()
+    second = data.index(b"TRKF", 1)
+    flip(segment, second + byte)
+    with pytest.raises(LogCorruptError, match="damaged in the middle") as info:
+        FileLog(log_dir)
+    assert f"{segment}: " in str(info.value)
+    assert f"at byte {second} " in str(info.value)
+    assert len(segment.read_bytes()) == len(data), "nothing was cut"
+
+
+def test_a_longer_length_that_still_fits_is_refused(log_dir: Path) -> None:
+    """The length grows past the next frame but not past the end: the frames after the
+    damaged one are not where its length says, yet they are found."""
+    with FileLog(log_dir) as log:
+        log.append(0, records(0, 3))
+        log.append(0, records(3, 3))
+        log.append(0, [b"y"])  # 28 bytes: all inside the 64 the length grew by
+        log.append(0, [b"x" * 100])  # starts inside them, ends after
+    (segment,) = segments(log_dir)
+    data = segment.read_bytes()
+    second = data.index(b"TRKF", 1)
+    flip(segment, second + 8)  # the length's low byte: 0x40 more
+    with pytest.raises(LogCorruptError, match="damaged in the middle"):
+        FileLog(log_dir)
+    assert segment.read_bytes()[:second] == data[:second]
+
+
 def test_a_flipped_byte_in_an_earlier_segment_fails_the_read(log_dir: Path) -> None:
     with FileLog(log_dir, segment_bytes=100) as log:
         for i in range(6):
@@ -337,6 +372,63 @@ def test_a_flipped_byte_in_an_earlier_segment_fails_the_read(log_dir: Path) -> N
         assert str(first) in str(info.value)
         # the damage is not skipped: reading past the damaged frame still works
         assert read_all(log, Position(0, 0, 2)) == records(3, 15)
+
+
+@pytest.mark.parametrize("which", [0, -1], ids=["first-frame", "last-frame"])
+def test_a_shorter_length_in_a_sealed_segment_is_placed_at_its_frame(
+    log_dir: Path, which: int
+) -> None:
+    """Sealed segments are opened without CRCs; a wrong length then leads the scan into
+    the payload, yet the error names the byte of the damaged frame."""
+    with FileLog(log_dir, segment_bytes=200) as log:
+        for i in range(12):
+            log.append(0, records(3 * i, 3))
+    first = segments(log_dir)[0]
+    data = first.read_bytes()
+    starts = [0]
+    while (end := starts[-1] + HEADER.size + HEADER.unpack_from(data, starts[-1])[2]) < len(data):
+        starts.append(end)
+    assert len(starts) >= 3 and len(segments(log_dir)) >= 2
+    start = starts[which]
+    length = HEADER.unpack_from(data, start)[2]
+    bit = next(b for b in range(2, 8) if length & (1 << b))
+    changed = bytearray(data)
+    changed[start + 8] ^= 1 << bit  # a shorter length: it now ends inside its payload
+    first.write_bytes(bytes(changed))
+    with pytest.raises(LogCorruptError) as info:
+        FileLog(log_dir)
+    assert str(info.value).startswith(f"{first}: a CRC mismatch at byte {start}")
+    assert not str(info.value)[len(f"{first}: a CRC mismatch at byte {start}")].isdigit()
+
+
+def test_a_record_count_flipped_to_zero_is_not_skipped(log_dir: Path) -> None:
+    """The count is under the CRC, but a sealed segment is indexed without CRCs: a frame
+    whose count reads 0 must still be read (and fail), not skipped as empty."""
+    with FileLog(log_dir, segment_bytes=100) as log:
+        for i in range(6):
+            log.append(0, records(i, 1))
+    first = segments(log_dir)[0]
+    data = bytearray(first.read_bytes())
+    data[20] ^= 1  # frame 0's count: 1 -> 0
+    first.write_bytes(bytes(data))
+    with FileLog(log_dir) as log, pytest.raises(LogCorruptError, match="at byte 0 fails its CRC"):
+        read_all(log)
+
+
+def test_an_unfinished_append_in_a_sealed_segment_is_placed_at_its_start(log_dir: Path) -> None:
+    """A last frame whose marker says "more follows" (``TRKF`` -> ``TRKG``): the error
+    names where that append starts."""
+    with FileLog(log_dir, segment_bytes=100, max_frame_records=2) as log:
+        for i in range(4):
+            log.append(0, records(4 * i, 4))  # two frames each
+    first = segments(log_dir)[0]
+    data = bytearray(first.read_bytes())
+    last = data.rindex(b"TRKF")
+    group = data.rindex(b"TRKG", 0, last)
+    data[last + 3] ^= 1  # F -> G
+    first.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptError, match=f"unfinished append of 2 frames at byte {group},"):
+        FileLog(log_dir)
 
 
 def test_a_missing_segment_is_refused_on_open(log_dir: Path) -> None:

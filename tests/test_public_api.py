@@ -15,6 +15,7 @@ def test_public_names_are_pinned() -> None:
         "InvalidInputError",
         "LogCorruptError",
         "LogError",
+        "LogFullError",
         "LogLockedError",
         "LogNotFoundError",
         "NotYetVisibleError",
@@ -38,6 +39,7 @@ def test_every_error_is_a_tracker_error() -> None:
     assert all(issubclass(error, TrackerError) for error in errors)
     retriable = {error.__name__ for error in errors if error.retriable}
     assert retriable == {
+        "LogFullError",
         "LogLockedError",
         "SnapshotUnavailableError",
         "CheckpointConflictError",

@@ -14,6 +14,7 @@
     │   ├── LogCorruptError          damage in the log that cannot be repaired silently
     │   ├── PartialAppendError       some partitions of an append were written (retriable)
     │   ├── LogLockedError           an append waited too long for the log's lock (retriable)
+    │   ├── LogFullError             no room for an append: disk full or file size limit (retriable)
     │   └── LogUnavailableError      the Kafka brokers did not answer in time (retriable)
     ├── SnapshotStoreError           Redis refused, or holds another log's projection
     │   ├── SnapshotUnavailableError Redis cannot be reached (retriable)
@@ -77,6 +78,16 @@ class LogCorruptError(LogError):
 
 class LogLockedError(LogError):
     """An append waited too long for the log's lock (another process is appending)."""
+
+    retriable = True
+
+
+class LogFullError(LogError):
+    """The disk is full (or a quota or file size limit is reached): nothing was appended.
+
+    Retriable: the same append succeeds once there is room, so workers back off and
+    retry, the API answers 503 and the CLI exits 75.
+    """
 
     retriable = True
 

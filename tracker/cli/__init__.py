@@ -4,7 +4,17 @@
 other module a group of commands, registered on import.
 """
 
-from tracker.cli import admin, consumers, events, offsets, serve, sessions, tokens, workers
+from tracker.cli import (
+    admin,
+    consumers,
+    events,
+    log,
+    offsets,
+    serve,
+    sessions,
+    tokens,
+    workers,
+)
 from tracker.cli.app import (
     EXIT_FAILED,
     EXIT_OK,
@@ -28,6 +38,7 @@ __all__ = [
     "events",
     "exit_code",
     "load_settings",
+    "log",
     "main",
     "offsets",
     "parse_offset",

@@ -6,8 +6,9 @@ Exit codes::
     1   not found, or a failed check (``verify`` found drift)
     2   bad input or usage; nothing was written
     75  unavailable, try again (EX_TEMPFAIL): Redis or the log cannot be reached, the log
-        is locked by another process, or another projector got there first; the error is
-        ``retriable``
+        is locked by another process, another projector got there first, or the disk is
+        full (or a file size limit is reached: nothing was appended, try again once there
+        is room); the error is ``retriable``
 
 Errors are one line on stderr, never a traceback.
 """
@@ -40,7 +41,8 @@ Exit codes:
   0   ok
   1   not found, or a failed check (verify found drift)
   2   bad input or usage; nothing was written
-  75  unavailable, try again: Redis or the log cannot be reached, or the log is locked"""
+  75  unavailable, try again: Redis or the log cannot be reached, the log is
+      locked, or the disk is full (nothing was appended)"""
 
 
 def exit_code(error: TrackerError) -> int:

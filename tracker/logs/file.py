@@ -40,7 +40,13 @@ from typing import IO
 import msgspec
 from crc32c import crc32c
 
-from tracker.errors import LogCorruptError, LogError, LogLockedError, LogNotFoundError
+from tracker.errors import (
+    LogCorruptError,
+    LogError,
+    LogFullError,
+    LogLockedError,
+    LogNotFoundError,
+)
 from tracker.events import Position
 from tracker.logs import Appended, Batch
 from tracker.logs.frames import (
@@ -126,6 +132,8 @@ class FileLog:
             finally:
                 tmp.unlink()
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise self._write_error(self.directory, exc) from exc
             raise LogError(f"cannot create the event log in {self.directory}: {exc}") from exc
 
     def _load_identity(self, path: Path) -> str:
@@ -146,16 +154,20 @@ class FileLog:
                 raise LogCorruptError(f"{path}: not a segment name") from None
             if base != expected:
                 raise LogCorruptError(
-                    f"{path}: starts at frame {base} but frame {expected} was expected "
-                    "(a segment is missing)"
+                    f"{path}: starts at frame {base} but frame {expected} was expected at "
+                    "byte 0 (a segment is missing); restore it from a backup "
+                    "(tracker log check lists the damage)"
                 )
             segment = Segment(path, base)
             last = i == len(paths) - 1
             scan = self._index(segment, crc=last)
             if scan.problem is not None and not last:
+                # without CRCs a bad length is followed; with them the damage is placed
+                scan, _ = scan_segment(path, 0, base, crc=True)
                 raise LogCorruptError(
                     f"{path}: {scan.problem} at byte {scan.stopped_at}, in a sealed segment; "
-                    "the log is damaged in the middle, restore this segment from a backup"
+                    "the log is damaged in the middle, restore this segment from a backup "
+                    "(tracker log check lists the damage)"
                 )
             self._add_segment(segment)
             expected = base + segment.frames
@@ -198,7 +210,10 @@ class FileLog:
         if self.read_only:
             raise LogError(f"the event log in {self.directory} is read-only here")
         if self._lock_fd is None:
-            self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise self._write_error(self.directory / "LOCK", exc) from exc
         fd = self._lock_fd
         deadline = time.monotonic() + (timeout or 0)
         delay = 0.0005
@@ -219,7 +234,11 @@ class FileLog:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
-        os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
+        except OSError as exc:  # only who holds it is lost: say why, and let go
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise self._write_error(self.directory / "LOCK", exc) from exc
         try:
             yield True
         finally:
@@ -303,7 +322,7 @@ class FileLog:
             try:
                 for chunk in self._frames_of(chunks):
                     payload = encode_records(chunk)
-                    spool.write(_SPOOLED.pack(len(payload), len(chunk)) + payload)
+                    _write_all(spool, _SPOOLED.pack(len(payload), len(chunk)) + payload)
                     frames += 1
                 spool.flush()
             except OSError as exc:
@@ -320,7 +339,10 @@ class FileLog:
             with self._locked(timeout=self.lock_timeout):
                 self._refresh(repair=True)
                 if self._segments[-1].size >= self.segment_bytes:
-                    self._new_segment(self._next_frame)
+                    try:
+                        self._new_segment(self._next_frame)
+                    except OSError as exc:
+                        raise self._write_error(self.directory, exc) from exc
                 tail = self._segments[-1]
                 after = self._end()
                 if not frames:
@@ -383,10 +405,15 @@ class FileLog:
             log.warning("could not cut a failed append from %s: %s", tail.path, exc)
 
     def _write_error(self, path: Path, exc: OSError) -> LogError:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return LogError(
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return LogFullError(
                 f"no space left for {path} ({exc.strerror}); free some and try again, "
                 "nothing was appended"
+            )
+        if exc.errno == errno.EFBIG:
+            return LogFullError(
+                f"{path} would pass the file size limit ({exc.strerror}: ulimit -f, or the "
+                "filesystem's); raise it and try again, nothing was appended"
             )
         return LogError(f"cannot append to {path}: {exc}; nothing was appended")
 
@@ -409,14 +436,16 @@ class FileLog:
             while total < max_records and number < end:
                 segment = self._segments[bisect_right(self._bases, number) - 1]
                 slot = number - segment.base
-                if index < segment.counts[slot]:
+                # a count of 0 is never written: read (and fail) the frame, never skip it
+                if index < segment.counts[slot] or not segment.counts[slot]:
                     plan.append((segment, segment.fd(), slot, number, index))
                     total += segment.counts[slot] - index
                 number, index = number + 1, 0
         batches = []
         for segment, fd, slot, frame, first in plan:
             records = self._read_frame(segment, fd, slot, frame)
-            batches.append(Batch(0, frame, first, records[first:] if first else records))
+            if records:
+                batches.append(Batch(0, frame, first, records[first:] if first else records))
         return batches
 
     def _refresh_unlocked(self) -> None:
@@ -433,7 +462,8 @@ class FileLog:
         if len(payload) != length or crc32c(payload, crc32c(header[8:])) != crc:
             raise LogCorruptError(
                 f"{segment.path}: frame {number} at byte {pos} fails its CRC check; "
-                "the log is damaged, restore this segment from a backup"
+                "the log is damaged, restore this segment from a backup "
+                "(tracker log check lists the damage)"
             )
         return decode_records(payload)
 
@@ -498,7 +528,20 @@ _SPOOLED = struct.Struct("<II")
 """A spooled frame: payload length and record count, then the payload."""
 
 
+def _write_all(file: IO[bytes], data: bytes) -> None:
+    """Write every byte: an unbuffered write may be short (a disk filling up), and only
+    the next one raises."""
+    view = memoryview(data)
+    while view:
+        written = file.write(view)
+        view = view[written or 0 :]
+
+
 def _unspool(spool: IO[bytes], frames: int) -> Iterator[tuple[bytes, int]]:
     for _ in range(frames):
-        length, count = _SPOOLED.unpack(spool.read(_SPOOLED.size))
-        yield spool.read(length), count
+        header = spool.read(_SPOOLED.size)
+        length, count = _SPOOLED.unpack(header) if len(header) == _SPOOLED.size else (-1, 0)
+        payload = spool.read(length) if length >= 0 else b""
+        if len(payload) != length:
+            raise LogError("the spooled append was cut short; nothing was appended")
+        yield payload, count

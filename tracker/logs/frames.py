@@ -97,26 +97,49 @@ def check_frame(
     return marker, int(count), HEADER.size + length
 
 
-def good_frame_after(data: mmap.mmap, start: int, size: int) -> bool:
-    """Whether a CRC-valid frame starts anywhere after ``start``: damage, not a torn tail."""
-    candidates = sorted(p for m in _MARKERS if (p := data.find(m, start)) != -1)
-    while candidates:
-        pos = candidates[0]
+def next_good_frame(
+    data: bytes | mmap.mmap, start: int, size: int, number: int | None = None
+) -> tuple[int, int] | None:
+    """``(byte, frame number)`` of the first CRC-valid frame at or after ``start``, only
+    one numbered ``number`` if given; ``None`` if there is none."""
+    pos = start
+    while pos < size:
+        candidates = [p for m in _MARKERS if (p := data.find(m, pos)) != -1]
+        if not candidates:
+            return None
+        pos = min(candidates)
         if size - pos >= HEADER.size:
-            number = HEADER.unpack_from(data, pos)[3]
-            if not isinstance(check_frame(data, pos, size, number), str):
-                return True
-        candidates = sorted(p for m in _MARKERS if (p := data.find(m, pos + 1)) != -1)
-    return False
+            found = HEADER.unpack_from(data, pos)[3]
+            if (number is None or found == number) and not isinstance(
+                check_frame(data, pos, size, found), str
+            ):
+                return pos, found
+        pos += 1
+    return None
 
 
-def _after_bad_frame(data: mmap.mmap, pos: int, size: int) -> int | None:
-    """Where a good frame could start after the bad one at ``pos``; ``None``: a torn tail.
+def resumes_after(
+    data: bytes | mmap.mmap, pos: int, size: int, number: int
+) -> tuple[int, int] | None:
+    """Where good frames follow the bad frame at ``pos`` (numbered ``number`` if it were
+    good): damage in the middle; ``None``: nothing good follows, a torn tail.
 
-    A frame whose declared length runs past the end of the file is a torn write: every
-    byte after its header is its own (unfinished) payload, which may hold anything a
-    user wrote, even bytes that look like a frame, so nothing in it is searched.
+    A bad frame's length cannot be trusted (it is under the CRC), so the next frame,
+    ``number + 1``, is looked for at every byte after it. Any other CRC-valid frame
+    counts only after the bad frame's declared end, and only if that end is inside the
+    file: a frame whose length runs past the end of the file is a torn write, whose
+    unfinished payload may hold anything a user wrote, even bytes that look like a frame.
     """
+    found = [next_good_frame(data, pos + 1, size, number + 1)]
+    resume = _after_bad_frame(data, pos, size)
+    if resume is not None:
+        found.append(next_good_frame(data, resume, size))
+    return min((f for f in found if f is not None), default=None)
+
+
+def _after_bad_frame(data: bytes | mmap.mmap, pos: int, size: int) -> int | None:
+    """Where any good frame could start after the bad one at ``pos``; ``None``: only the
+    next frame by number could (see :func:`resumes_after`)."""
     if size - pos < HEADER.size:
         return None
     marker, _, length, _, _ = HEADER.unpack_from(data, pos)
@@ -143,6 +166,7 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
     """Index the complete groups of frames in ``path`` from byte ``start``; and its size."""
     result = Scan()
     result.end = result.stopped_at = start
+    first = number
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size <= start:
@@ -166,16 +190,17 @@ def scan_segment(path: Path, start: int, number: int, *, crc: bool) -> tuple[Sca
                     result.end = pos
                     pending = []
             result.stopped_at = pos
-            resume = _after_bad_frame(data, pos, size)
-            if (
-                result.problem is not None
-                and resume is not None
-                and good_frame_after(data, resume, size)
-            ):
+            if result.problem is not None and resumes_after(data, pos, size, number):
+                if not crc:  # a bad length may have been followed: place the damage by CRC
+                    return scan_segment(path, start, first, crc=True)
+                if result.problem.startswith("a torn frame"):
+                    result.problem = "a bad frame length (it runs past the end)"
                 raise LogCorruptError(
                     f"{path}: {result.problem} at byte {pos} (frame {number}), "
-                    "followed by more data; the log is damaged in the middle"
+                    "followed by more frames; the log is damaged in the middle, "
+                    "restore this segment from a backup (tracker log check lists the damage)"
                 )
             if result.problem is None and pending:
                 result.problem = f"an unfinished append of {len(pending)} frames"
+                result.stopped_at = pending[0][0]
     return result, size
