@@ -45,6 +45,7 @@ import pytest
 from consumers.generate import session_ids
 from consumers.kafkastream import ensure_topic
 from tests.faults.report import Figures
+from tests.faults.workload import seeded
 from tests.services import stop_process
 from tests.test_workers import env_for, heads, run_cli, start_worker
 from tests.test_workers_kafka import PARTITIONS, Harness, Process, harness, read_topic
@@ -81,13 +82,6 @@ Positions = dict[int, int]
 """Per stream partition, the position of the next message to read."""
 Offsets = tuple[int, ...]
 """The consumer's acknowledged offset of each of ``SESSION_IDS`` (-1: none)."""
-
-
-def seeded(name: str) -> tuple[int, random.Random]:
-    """The run's seed (``FAULTS_SEED``, else a random one), printed, and its RNG."""
-    seed = int(os.environ.get("FAULTS_SEED") or 0) or random.SystemRandom().randrange(1, 2**31)
-    print(f"{name}: seed {seed} (FAULTS_SEED={seed} repeats the kill delays)", file=sys.stderr)
-    return seed, random.Random(seed)
 
 
 class Acknowledged:
