@@ -449,3 +449,87 @@ def test_projectors_killed_during_live_projection_on_the_file_log(
     env = env_for(tmp_path / "data", redis_url, prefix)
     live = Live(Settings.from_env(env), env, tmp_path)
     project_live_while_killing(live, seed, rng, fault_report, "file log; the appender projects too")
+
+
+# -- a replay killed between retiring the active generation and promoting its own ------------
+
+KILLED_WHILE_PROMOTING = """
+import os, signal
+from tracker.generations import Generations
+
+retire = Generations._poison
+
+
+def retire_then_die(self, meta):
+    retire(self, meta)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+Generations._poison = retire_then_die
+from tracker.cli import main
+
+main(["replay"])
+"""
+"""``tracker replay``, SIGKILLed by itself at the one moment random kills cannot aim at:
+the active generation's checkpoints just set to ``retired``, its own not yet promoted."""
+
+
+def test_a_replay_killed_between_retiring_and_promoting_leaves_the_tracker_working(
+    tmp_path: Path, redis_url: str, prefix: str, fault_report: Figures
+) -> None:
+    seed, rng = seeded("promoting")
+    env = env_for(tmp_path / "data", redis_url, prefix)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    settings = Settings.from_env(env).with_overrides(fsync=False)
+    sessions = session_names(2_000)
+    with Tracker(settings) as tracker:
+        tracker.writer.import_events(creations(sessions) + mixed(rng, sessions, 20_000))
+        tracker.replay()
+    expected, events = pure_fold(settings)
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        active = int(client.hget(Keys.meta(prefix), "generation") or 0)
+        killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_PROMOTING], env=env,
+                                capture_output=True, timeout=300, check=False)  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert int(client.hget(Keys.meta(prefix), "generation") or 0) == active
+        assert client.get(Keys(prefix, active, 1).checkpoint(0)) == RETIRED
+
+    sid = sessions[0]
+    commands = {
+        "offsets show": ["offsets", "show", sid, "--json"],
+        "status": ["status", "--json"],
+        "commit": ["offsets", "commit", sid, "client", "99999999"],
+        "replay": ["replay", "--json"],
+        "verify": ["verify", "--json"],
+    }
+    outcomes = {}
+    for name, argv in commands.items():
+        done = subprocess.run([sys.executable, "-m", "tracker", *argv], env=env,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        outcomes[name] = (done.returncode, done.stderr.strip()[-300:])
+    if outcomes["commit"][0] == 0:
+        expected, events = pure_fold(settings)
+    wrong = differences(settings, expected)
+    failed = {name: outcome for name, outcome in outcomes.items() if outcome[0] != 0}
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        leftovers = orphan_keys(client, prefix)
+    fault_report.fault = (
+        "SIGKILL of `tracker replay` between retiring the old generation and promoting its own"
+    )
+    fault_report.injected = 1
+    fault_report.survived = int(not (failed or wrong or leftovers))
+    fault_report.lost = len(wrong)
+    fault_report.checked = (
+        "reads, status, a commit, replay and verify work afterwards; Redis = fold of the log"
+    )
+    fault_report.detail = {
+        "seed": seed,
+        "events": events,
+        "sessions": len(expected),
+        "commands_failing_afterwards": len(failed),
+        "sessions_differing_from_fold": len(wrong),
+        "keys_of_killed_generations_after": leftovers,
+    }
+    assert not failed, f"seed {seed}: after the kill: {failed}"
+    assert not wrong, f"seed {seed}: {wrong[:5]}"
+    assert leftovers == 0
