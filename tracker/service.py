@@ -199,7 +199,13 @@ class Tracker(Commands):
                 self.projector.ensure_projection()
             return
         for partition in range(self._log.partitions):
-            applied = generations.store.applied(partition)
+            try:
+                applied = generations.store.applied(partition)
+            except GenerationRetiredError:
+                # A replay retired the active generation and has not promoted its own: it
+                # is promoting now, or it died in between. Nothing to check here; the
+                # projector follows the promotion or, if none comes, rebuilds.
+                return
             end = self._log.end(partition)
             if applied is not None and (end is None or applied > end):
                 self._foreign = (
