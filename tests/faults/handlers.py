@@ -7,9 +7,9 @@ import time
 
 from consumers import Message
 
-EVERY = 20
+EVERY = 10
 PAUSE = 0.001
-"""Every ``EVERY``th message costs ``PAUSE`` seconds: about 0.05 ms a message, so a worker
+"""Every ``EVERY``th message costs ``PAUSE`` seconds: about 0.1 ms a message, so a worker
 handles several thousand a second, and a kill at a random moment finds it with messages
 in hand and a flush in flight."""
 

@@ -16,7 +16,10 @@ log every writer projects what it appends, and ``tracker project`` may run too. 
   restarted, again and again. On Kafka, and on the file log (where the appender projects
   too). At the end, with the appender stopped and the projection caught up, Redis must
   equal the pure fold of the log, which must hold every event the appender was told was
-  appended.
+  appended;
+* the one moment of a replay that random kills cannot aim at, between retiring the active
+  generation and promoting its own, is hit by a replay that SIGKILLs itself there: the
+  tracker must go on working (a read rebuilds the projection; a replay runs).
 
 "Equal to the pure fold" is ``tracker.rebuild``'s comparison: every session of
 ``fold_all`` of the whole log (``visible``) against every snapshot Redis holds, and

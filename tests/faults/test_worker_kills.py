@@ -288,6 +288,7 @@ def judge(
         "sessions": SESSIONS,
         "kills": len(run.kills),
         "kills_mid_stream": mid_stream,
+        "read_before_the_last_worker": sum(run.kills[-1].positions.values()) if run.kills else 0,
         "restarts": run.lives - 1,
         "kill_delays_s": f"0-{KILL_WINDOW:g} after the first report",
         "handled_by_killed_workers": sum(kill.handled for kill in run.kills),
