@@ -217,7 +217,9 @@ class Tracker(Commands):
                 return
             except GenerationRetiredError:
                 # processes starting together each built a projection, or a replay runs:
-                # a newer generation replaced the one just bound; check that one
+                # a newer generation replaced the one just bound; check that one. If none
+                # comes (a replay died between retiring and promoting), there is nothing
+                # to check: the projector rebuilds.
                 time.sleep(0.05)
                 generations.refresh()
 
