@@ -34,12 +34,13 @@ import msgspec
 import pytest
 
 from tests.faults.report import Figures
+from tests.faults.workload import seeded
 from tracker.cli import EXIT_UNAVAILABLE
 from tracker.events import OffsetCommitted, SessionCreated, decode_event
 from tracker.logs.file import FileLog
 
 SCRIPT = str(Path(sys.executable).parent / "tracker")
-SEED = int(os.environ.get("FAULTS_SEED") or time.time_ns() % 1_000_000)
+SEED, _ = seeded("interrupted appends")
 LINE = '{{"type":"offset_committed","session_id":"s{s}","consumer":"{tag}","offset":{o}}}\n'
 BIG = 2_000_000
 

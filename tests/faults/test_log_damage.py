@@ -28,13 +28,13 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.faults.report import Figures
+from tests.faults.workload import seeded
 from tracker.errors import LogCorruptError
 from tracker.events import OffsetCommitted, Position, encode_event
 from tracker.logs.check import CheckReport, check_log
@@ -42,7 +42,7 @@ from tracker.logs.file import FileLog
 from tracker.logs.frames import HEADER, MAGIC, SEGMENT_SUFFIX
 
 SCRIPT = Path(sys.executable).parent / "tracker"
-SEED = int(os.environ.get("FAULTS_SEED") or time.time_ns() % 1_000_000)
+SEED, _ = seeded("log damage")
 SEGMENT_BYTES = 16 << 10
 APPENDS = 240
 EVERY = 10
