@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,8 @@ from kafka.structs import TopicPartition
 
 from consumers.generate import session_ids
 from consumers.kafkastream import ensure_topic
+from tests import processes
 from tests.conftest import delete_prefix
-from tests.services import stop_process
 from tracker import Settings, Tracker
 from tracker.fold import SessionState
 
@@ -98,23 +96,8 @@ class Summary:
     retried: int
 
 
-class Process:
-    """A ``tracker`` subprocess; its stdout and stderr go to ``log``."""
-
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log: Path) -> None:
-        self.name = name
-        self.popen = popen
-        self.log = log
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, lines: int = 15) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
+class Process(processes.Process):
+    """A ``tracker worker`` subprocess, with what its summaries and handlers say."""
 
     def summaries(self) -> list[Summary]:
         found = []
@@ -151,21 +134,12 @@ class Process:
                 pairs.append((int(partition), int(position)))
         return pairs
 
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM (by PID) and wait for the exit code."""
-        os.kill(self.pid, signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.name} did not exit {timeout:g} s after SIGTERM:\n{self.tail()}")
 
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        self.popen.wait()
-
-
-class Harness:
+class Harness(processes.Processes[Process]):
     """One test's world: its env, its topics, its processes (all stopped at the end)."""
+
+    process_type = Process
+    wait_timeout = WAIT
 
     def __init__(
         self,
@@ -176,7 +150,6 @@ class Harness:
         event_topic: str,
         stream: str,
     ) -> None:
-        self.workdir = workdir
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.stream = stream
@@ -192,8 +165,8 @@ class Harness:
         handlers = workdir / "handlers"
         handlers.mkdir()
         (handlers / "worker_test_handlers.py").write_text(HANDLERS)
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
-        self.env.update(
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+        env.update(
             TRACKER_DATA_DIR=str(self.settings.data_dir),
             TRACKER_KAFKA_BOOTSTRAP=bootstrap,
             TRACKER_REDIS_URL=redis_url,
@@ -205,36 +178,14 @@ class Harness:
             WORKER_TEST_OUT=str(workdir),
             PYTHONPATH=os.pathsep.join([str(handlers), str(REPO)]),
         )
-        self.processes: list[Process] = []
+        super().__init__(workdir, env)
         self._view: Tracker | None = None
 
     # -- processes ---------------------------------------------------------------------
 
-    def start(self, name: str, *args: str) -> Process:
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "tracker", *args],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        process = Process(name, popen, log)
-        self.processes.append(process)
-        return process
-
     def run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a command to its end; fail the test unless it exits 0."""
-        done = subprocess.run(
-            [sys.executable, "-m", "tracker", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        done = self.run_any(*args, timeout=timeout)
         assert done.returncode == 0, f"tracker {' '.join(args)}: {done.returncode}\n{done.stderr}"
         return done
 
@@ -257,35 +208,9 @@ class Harness:
         assert json.loads(done.stdout)["messages"] == count
 
     def stop_all(self) -> None:
-        for process in self.processes:
-            stop_process(process.popen, grace=15)
+        super().stop_all()
         if self._view is not None:
             self._view.close()
-
-    def tails(self) -> str:
-        return "\n".join(
-            f"--- {p.name} (pid {p.pid}, exit {p.popen.poll()}):\n{p.tail()}"
-            for p in self.processes
-        )
-
-    def wait_for(
-        self,
-        condition: Callable[[], bool],
-        what: Callable[[], str],
-        *,
-        running: Sequence[Process] = (),
-        timeout: float = WAIT,
-    ) -> None:
-        """Poll ``condition``; fail after ``timeout`` (or as soon as one of ``running``
-        exits) with ``what()`` and every process's output."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            for process in running:
-                if process.popen.poll() is not None:
-                    pytest.fail(f"{process.name} exited while waiting: {what()}\n{self.tails()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:g} s: {what()}\n{self.tails()}")
-            time.sleep(0.25)
 
     # -- what Redis and Kafka hold -------------------------------------------------------
 

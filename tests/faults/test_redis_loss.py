@@ -23,7 +23,6 @@ from tests.conftest import PrivateRedis
 from tests.faults.report import Figures
 from tests.faults.world import (
     Feeder,
-    Proc,
     World,
     acknowledged,
     caught_up,
@@ -32,6 +31,7 @@ from tests.faults.world import (
     projected,
     pure_fold,
 )
+from tests.processes import Process
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -100,7 +100,7 @@ def test_redis_lost_while_workers_run(
     feeder.chunk, feeder.pause = 100, 0.05
     feeder.start()
     world.wait_for(lambda: feeder.appended > 0, "the first messages in the stream")
-    running: list[Proc] = []
+    running: list[Process] = []
     if kafka:
         running += [world.start(f"project{n}", "project", "--report-every", "1") for n in (1, 2)]
     running += [

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import pytest
 
 from consumers.filestream import append_messages, open_stream_log
 from consumers.generate import session_ids, synthetic_messages
 from consumers.kafkastream import produce_messages
-from tests.services import stop_process
+from tests.processes import Process, Processes
 from tracker import Settings, Tracker
 from tracker.errors import LogNotFoundError, TrackerError
 from tracker.events import OffsetCommitted, Position
@@ -37,35 +33,10 @@ GROUP_MS = "6000"
 """Kafka group timeouts of the workers: a Tansu join takes ~3 s with them (DESIGN.md)."""
 
 
-class Proc:
-    """A ``tracker`` subprocess; its stdout and stderr go to ``log``."""
-
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log: Path) -> None:
-        self.name = name
-        self.popen = popen
-        self.log = log
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM (by PID) and wait for the exit code."""
-        os.kill(self.popen.pid, signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.name} did not exit {timeout:g} s after SIGTERM:\n{self.tail()}")
-
-
-class World:
+class World(Processes[Process]):
     """The environment of one test's processes (data dir, Redis, prefix; Kafka if given)."""
+
+    process_type = Process
 
     def __init__(
         self,
@@ -78,7 +49,6 @@ class World:
         partitions: int = 1,
         **extra: str,
     ) -> None:
-        self.workdir = workdir
         self.settings = Settings(
             data_dir=workdir / "data",
             redis_url=redis_url,
@@ -88,8 +58,8 @@ class World:
             event_topic=event_topic or "tracker.session-events",
             partitions=partitions,
         )
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
-        self.env.update(
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKER_")}
+        env.update(
             TRACKER_DATA_DIR=str(self.settings.data_dir),
             TRACKER_REDIS_URL=redis_url,
             TRACKER_PREFIX=prefix,
@@ -100,73 +70,16 @@ class World:
             **extra,
         )
         if bootstrap is not None:
-            self.env.update(
+            env.update(
                 TRACKER_KAFKA_BOOTSTRAP=bootstrap,
                 TRACKER_EVENT_TOPIC=self.settings.event_topic,
                 TRACKER_PARTITIONS=str(partitions),
             )
-        self.processes: list[Proc] = []
-
-    def start(self, name: str, *args: str) -> Proc:
-        log = self.workdir / f"{name}.log"
-        with open(log, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "tracker", *args],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        process = Proc(name, popen, log)
-        self.processes.append(process)
-        return process
+        super().__init__(workdir, env)
 
     def run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run a command to its end (any exit code)."""
-        return subprocess.run(
-            [sys.executable, "-m", "tracker", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            stop_process(process.popen, grace=15)
-
-    def tails(self) -> str:
-        return "\n".join(
-            f"--- {p.name} (pid {p.popen.pid}, exit {p.popen.poll()}):\n{p.tail()}"
-            for p in self.processes
-        )
-
-    def wait_for(
-        self,
-        condition: Callable[[], bool],
-        what: str | Callable[[], str],
-        *,
-        running: Sequence[Proc] = (),
-        timeout: float = 120.0,
-    ) -> float:
-        """Poll ``condition`` (a :class:`TrackerError` counts as not yet); fail after
-        ``timeout`` or as soon as one of ``running`` exits. Returns the seconds it took."""
-        started = time.monotonic()
-        while True:
-            try:
-                if condition():
-                    return time.monotonic() - started
-            except TrackerError:
-                pass
-            for process in running:
-                if not process.alive:
-                    pytest.fail(f"{process.name} exited while waiting for {_say(what)}\n"
-                                f"{self.tails()}")  # fmt: skip
-            if time.monotonic() - started > timeout:
-                pytest.fail(f"timed out after {timeout:g} s: {_say(what)}\n{self.tails()}")
-            time.sleep(0.1)
+        return self.run_any(*args, timeout=timeout)
 
     @contextlib.contextmanager
     def view(self) -> Iterator[Tracker]:
@@ -183,10 +96,6 @@ class World:
             # reads only: never rebuild (nor project) what the test checks
             tracker.self_projecting, tracker.reader.on_lost = False, None
             yield tracker
-
-
-def _say(what: str | Callable[[], str]) -> str:
-    return what if isinstance(what, str) else what()
 
 
 class Feeder:
