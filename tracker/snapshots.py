@@ -135,6 +135,12 @@ def applied_of(token: str) -> Position | None:
     return Position.parse(token) if token else None
 
 
+def retired(generation: int) -> GenerationRetiredError:
+    return GenerationRetiredError(
+        f"generation {generation} of the projection was replaced by a replay; try again"
+    )
+
+
 @redis_boundary("reading its configuration")
 def check_redis(client: Client) -> list[str]:
     """Settings of the server that would silently break the projection's guarantees; in
@@ -274,9 +280,7 @@ class SnapshotStore:
         self.calls += 1
         value = self.client.get(self.keys.checkpoint(partition))
         if value == RETIRED:
-            raise GenerationRetiredError(
-                f"generation {self.keys.generation} was replaced by a replay; rebind"
-            )
+            raise retired(self.keys.generation)
         return str(value) if value else ""
 
     def applied(self, partition: int) -> Position | None:
@@ -327,9 +331,7 @@ class SnapshotStore:
             results += self._execute(pipe)
         for applied, current in results:
             if not int(applied) and current == RETIRED:
-                raise GenerationRetiredError(
-                    f"generation {self.keys.generation} was replaced by a replay; rebind"
-                )
+                raise retired(self.keys.generation)
             if not int(applied):
                 raise CheckpointConflictError(
                     f"partition {partition}: checkpoint is {current!r}, expected {after!r}; "
