@@ -410,7 +410,9 @@ def test_a_full_disk_refuses_the_append_whole_with_one_line(
         refused.append(run.attempt(["events", "import", str(big)], "toobig", n, limit=limit_for(0)))
         # the spool fits, the log does not: refused while the frames are written
         fraction = rng.uniform(0.6, 0.9)
-        n = int(fraction * room() / per_event) if limiter == "tmpfs" else 3_000
+        # with a file size limit (per file): the spool must fit under the segment's size
+        # plus half the spool's, so it holds fewer events than twice the segment
+        n = int(fraction * room() / per_event) if limiter == "tmpfs" else 1_500
         half = write_events(tmp_path / "half.jsonl", "half", n)
         spool = int(n * per_event * 1.1)
         refused.append(
