@@ -1,4 +1,5 @@
-"""Redis clients from a URL: one server, or a Redis Cluster.
+"""Redis clients from a URL (one server, or a Redis Cluster), and their errors turned
+into the tracker's at the boundary.
 
 ``redis://``, ``rediss://`` and ``unix://`` name one server, as redis-py reads them.
 ``redis+cluster://`` (``rediss+cluster://`` for TLS) names a Redis Cluster by one or more
@@ -19,13 +20,24 @@ master.
 
 from __future__ import annotations
 
-from typing import TypeAlias
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+
+from tracker.errors import SnapshotStoreError, SnapshotUnavailableError
 
 Client: TypeAlias = redis.Redis | RedisCluster
 """A client of one server or of a cluster: the commands the tracker sends are the same."""
@@ -112,3 +124,96 @@ def masters(client: Client) -> list[tuple[str, redis.Redis]]:
             if node.redis_connection is not None
         ]
     return [("", client)]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+"""What redis-py raises: its cluster client's own exceptions do not derive from RedisError."""
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,  # CLUSTERDOWN, MASTERDOWN: a failover in progress
+    TryAgainError,  # TRYAGAIN: a slot being moved
+    SlotNotCoveredError,  # no node serves the slot (yet)
+)
+
+
+def translate(error: redis.RedisError | RedisClusterException, action: str) -> SnapshotStoreError:
+    """The tracker's error for one of redis-py's, raised at the boundary: the ones that
+    end by themselves (no answer, a cluster failing over) are retriable."""
+    if unavailable(error):
+        return SnapshotUnavailableError(f"Redis did not answer while {action}: {error}")
+    return SnapshotStoreError(f"Redis refused {action}: {error}")
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether redis-py's error ends by itself: no answer, or a cluster failing over
+    (its client says "cannot be connected" from the connection error beneath)."""
+    return isinstance(error, _UNAVAILABLE) or (
+        isinstance(error, RedisClusterException) and isinstance(error.__cause__, _UNAVAILABLE)
+    )
+
+
+@contextmanager
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn redis-py's errors into the tracker's, at the boundary."""
+    try:
+        yield
+    except REDIS_ERRORS as exc:
+        raise translate(exc, action) from exc
+
+
+def redis_boundary(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a method so redis-py's errors leave it as the tracker's (see :func:`translate`)."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return method(*args, **kwargs)
+            except REDIS_ERRORS as exc:
+                raise translate(exc, action) from exc
+
+        return call
+
+    return decorate
+
+
+@redis_boundary("reading its configuration")
+def check_redis(client: Client) -> list[str]:
+    """Settings of the server that would silently break the projection's guarantees; in
+    a cluster, of every master (a replica only evicts once promoted, and a process that
+    starts after that checks it)."""
+    if not isinstance(client, RedisCluster) and _cluster_enabled(client):
+        raise SnapshotStoreError(
+            "this Redis is a node of a Redis Cluster: name the cluster with "
+            "redis+cluster://host:port[,host:port...] so that every key goes to its node"
+        )
+    warnings = []
+    for name, node in masters(client):
+        where = f" on {name}" if name else ""
+        try:
+            policy = node.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.ResponseError:
+            warnings.append(
+                f"cannot read maxmemory-policy{where} (CONFIG is disabled); make sure it is "
+                "noeviction"
+            )
+            continue
+        if policy and policy != "noeviction":
+            warnings.append(
+                f"Redis maxmemory-policy is {policy}{where}: it may evict snapshots and "
+                "checkpoints silently; set it to noeviction"
+            )
+    return warnings
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a cluster node (``False`` if it will not say)."""
+    try:
+        return bool(client.info("cluster").get("cluster_enabled"))
+    except redis.ResponseError:
+        return False

@@ -22,7 +22,7 @@ from typing import cast
 
 from msgspec import Struct
 
-from tracker.connection import Client
+from tracker.connection import Client, redis_boundary
 from tracker.errors import SnapshotStoreError
 from tracker.keys import Keys
 from tracker.snapshots import (
@@ -30,7 +30,6 @@ from tracker.snapshots import (
     RETIRED,
     SCHEMA_VERSION,
     SnapshotStore,
-    redis_boundary,
     unlink_matching,
 )
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-from tracker.connection import connect
+from tracker.connection import REDIS_ERRORS, connect, translate
 from tracker.errors import (
     GenerationRetiredError,
     NotYetVisibleError,
@@ -25,7 +25,7 @@ from tracker.fold import SessionState
 from tracker.generations import Generations
 from tracker.keys import partition_for
 from tracker.model import SessionDTO, SessionId, checked
-from tracker.snapshots import REDIS_ERRORS, RETIRED, SnapshotStore, applied_of, translate
+from tracker.snapshots import RETIRED, SnapshotStore, applied_of
 
 
 class Reader:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tracker.commands import Commands, Fold, open_only
-from tracker.connection import Client, connect
+from tracker.connection import REDIS_ERRORS, Client, check_redis, connect, unavailable
 from tracker.embedded import EmbeddedRedis
 from tracker.errors import (
     ClosedError,
@@ -49,13 +49,7 @@ from tracker.reader import Reader
 from tracker.rebuild import ReplayReport, VerifyReport, foreign_projection, replay, verify
 from tracker.results import AppendResult
 from tracker.settings import Settings, mask_url
-from tracker.snapshots import (
-    REDIS_ERRORS,
-    SCHEMA_VERSION,
-    SnapshotStore,
-    check_redis,
-    unavailable,
-)
+from tracker.snapshots import SCHEMA_VERSION, SnapshotStore
 from tracker.status import Status, batches_behind, describe_lag, status, unprojected
 from tracker.writer import Writer
 

@@ -10,34 +10,26 @@ apply anything twice or out of order.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, cast
 
 import msgspec
 import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import (
-    ClusterDownError,
     MovedError,
-    RedisClusterException,
-    SlotNotCoveredError,
-    TryAgainError,
 )
 
 from tracker import keys as fields
-from tracker.connection import Client, masters
+from tracker.connection import REDIS_ERRORS, Client, redis_boundary, redis_errors
 from tracker.errors import (
     CheckpointConflictError,
     GenerationRetiredError,
-    SnapshotStoreError,
-    SnapshotUnavailableError,
 )
 from tracker.events import Position
 from tracker.fold import NO_OFFSET, Delta, SessionState, as_utc, tombstone
@@ -53,62 +45,6 @@ _encode_strings = msgspec.msgpack.Encoder().encode
 CHUNK_SESSIONS = 256
 CHUNKS_PER_ROUND_TRIP = 8
 READ_CHUNK = 1000
-
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-REDIS_ERRORS = (redis.RedisError, RedisClusterException)
-"""What redis-py raises: its cluster client's own exceptions do not derive from RedisError."""
-_UNAVAILABLE = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    ClusterDownError,  # CLUSTERDOWN, MASTERDOWN: a failover in progress
-    TryAgainError,  # TRYAGAIN: a slot being moved
-    SlotNotCoveredError,  # no node serves the slot (yet)
-)
-
-
-def translate(error: redis.RedisError | RedisClusterException, action: str) -> SnapshotStoreError:
-    """The tracker's error for one of redis-py's, raised at the boundary: the ones that
-    end by themselves (no answer, a cluster failing over) are retriable."""
-    if unavailable(error):
-        return SnapshotUnavailableError(f"Redis did not answer while {action}: {error}")
-    return SnapshotStoreError(f"Redis refused {action}: {error}")
-
-
-def unavailable(error: BaseException) -> bool:
-    """Whether redis-py's error ends by itself: no answer, or a cluster failing over
-    (its client says "cannot be connected" from the connection error beneath)."""
-    return isinstance(error, _UNAVAILABLE) or (
-        isinstance(error, RedisClusterException) and isinstance(error.__cause__, _UNAVAILABLE)
-    )
-
-
-@contextmanager
-def redis_errors(action: str) -> Iterator[None]:
-    """Turn redis-py's errors into the tracker's, at the boundary."""
-    try:
-        yield
-    except REDIS_ERRORS as exc:
-        raise translate(exc, action) from exc
-
-
-def redis_boundary(action: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorate a method so redis-py's errors leave it as the tracker's (see :func:`translate`)."""
-
-    def decorate(method: Callable[P, R]) -> Callable[P, R]:
-        @functools.wraps(method)
-        def call(*args: P.args, **kwargs: P.kwargs) -> R:
-            try:
-                return method(*args, **kwargs)
-            except REDIS_ERRORS as exc:
-                raise translate(exc, action) from exc
-
-        return call
-
-    return decorate
 
 
 def partial_checkpoint(after: str, upto: str, chunk: int, size: int) -> str:
@@ -139,43 +75,6 @@ def retired(generation: int) -> GenerationRetiredError:
     return GenerationRetiredError(
         f"generation {generation} of the projection was replaced by a replay; try again"
     )
-
-
-@redis_boundary("reading its configuration")
-def check_redis(client: Client) -> list[str]:
-    """Settings of the server that would silently break the projection's guarantees; in
-    a cluster, of every master (a replica only evicts once promoted, and a process that
-    starts after that checks it)."""
-    if not isinstance(client, RedisCluster) and _cluster_enabled(client):
-        raise SnapshotStoreError(
-            "this Redis is a node of a Redis Cluster: name the cluster with "
-            "redis+cluster://host:port[,host:port...] so that every key goes to its node"
-        )
-    warnings = []
-    for name, node in masters(client):
-        where = f" on {name}" if name else ""
-        try:
-            policy = node.config_get("maxmemory-policy").get("maxmemory-policy")
-        except redis.ResponseError:
-            warnings.append(
-                f"cannot read maxmemory-policy{where} (CONFIG is disabled); make sure it is "
-                "noeviction"
-            )
-            continue
-        if policy and policy != "noeviction":
-            warnings.append(
-                f"Redis maxmemory-policy is {policy}{where}: it may evict snapshots and "
-                "checkpoints silently; set it to noeviction"
-            )
-    return warnings
-
-
-def _cluster_enabled(client: redis.Redis) -> bool:
-    """Whether the server is a cluster node (``False`` if it will not say)."""
-    try:
-        return bool(client.info("cluster").get("cluster_enabled"))
-    except redis.ResponseError:
-        return False
 
 
 def _wire(keys: Keys, partition: int, deltas: Sequence[Delta], key_list: list[str]) -> list[str]:
