@@ -471,3 +471,22 @@ def test_a_torn_frame_whose_payload_looks_like_a_frame_is_still_a_torn_tail(
     with FileLog(log_dir) as log:
         assert log.repaired is not None
         assert read_all(log) == records(0, 3)
+
+
+def test_a_write_that_writes_nothing_is_a_full_disk_not_a_spin() -> None:
+    import errno
+    import io
+    from typing import IO, cast
+
+    from tracker.logs.file import _write_all
+
+    class WritesNothing(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            return 0
+
+    with pytest.raises(OSError) as raised:
+        _write_all(cast(IO[bytes], WritesNothing()), b"frame")
+    assert raised.value.errno == errno.ENOSPC

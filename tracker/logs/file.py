@@ -534,7 +534,9 @@ def _write_all(file: IO[bytes], data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = file.write(view)
-        view = view[written or 0 :]
+        if not written:  # nothing written and no error: never spin on it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def _unspool(spool: IO[bytes], frames: int) -> Iterator[tuple[bytes, int]]:
