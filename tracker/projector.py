@@ -158,6 +158,11 @@ class Projector:
             try:
                 Projector(self.log, store, chunk_sessions=self.chunk_sessions).catch_up()
                 target.promote(store, self.log.log_id)
+            except GenerationRetiredError:
+                # another process built one at the same time, promoted it and retired
+                # this one while it was being built: bind to theirs
+                target.refresh()
+                return False
             finally:
                 store.close()
             target.retire_older()
