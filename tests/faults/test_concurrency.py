@@ -188,6 +188,11 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT_S
         time.sleep(0.2)
 
 
+# a socket of the test's own HTTP client, dropped unclosed inside httpcore when a
+# keep-alive connection fails under load (seen once in CI); the server's answers are checked
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning"
+)
 def test_four_writers_and_two_projectors_lose_no_update(
     fault_report: Figures,
     log_env: dict[str, str],
